@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Create .venv if missing, then run the whole test suite (distributed tests included, on CPU/gloo).
+source "$(dirname "$0")/_env.sh"
+exec python -m pytest -q "$@"

@@ -1,0 +1,47 @@
+"""`python -m train [overrides]` and `torchrun ... -m train [overrides]`.
+
+Hydra composes recipes/train.yaml with the overrides on every rank; the result is converted once
+into the typed `Config` (errors name the key) and handed to the trainer. Hydra itself writes
+nothing: the trainer's global rank 0 owns the run directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from train.config import ConfigError, load_config, register_schemas
+
+RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    # Only rank 0 speaks at INFO; other ranks report warnings and errors (prefixed with their rank).
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        force=True)
+
+
+@record  # torchrun's per-rank error file: a crashed worker leaves its traceback there
+@hydra.main(version_base="1.3", config_path=RECIPES, config_name="train")
+def main(cfg: DictConfig) -> None:
+    _setup_logging()
+    try:
+        config = load_config(cfg)
+    except ConfigError as e:
+        logging.getLogger("train").error("invalid configuration: %s", e)
+        sys.exit(2)
+    from train.trainer import run  # heavy imports only after the config is known to be valid
+    run(config)
+
+
+if __name__ == "__main__":
+    register_schemas()
+    main()

@@ -1,0 +1,412 @@
+"""Typed configuration: the schema behind recipes/ and its validation.
+
+Hydra composes YAML from recipes/; `load_config` converts the result once, at the entry point, into
+these frozen-by-convention dataclasses. The conversion is strict: an unknown key, a value of the
+wrong type or an invalid value raises `ConfigError` naming the full key (for example
+`optim.lr`), before any heavy work starts. Components receive only the small config they need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the key."""
+
+
+def _key(name: str, f: dataclasses.Field) -> str:
+    return f.metadata.get("key", name)
+
+
+@dataclass
+class ModelConfig:
+    """Llama shape. `name` is the preset file in recipes/model/ the values came from."""
+    name: str = "tiny"
+    dim: int = 256
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = 4
+    vocab_size: int = 8192
+    multiple_of: int = 64
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: bool = False  # Llama 3.1+ long-context frequency scaling
+    max_seq_len: int = 2048
+    init_from: str | None = None  # Hugging Face Llama folder for continual pretraining
+
+    def validate(self) -> None:
+        for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"model.{k} must be positive, got {getattr(self, k)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"model.dim / model.n_heads = {self.dim // self.n_heads} must be even (RoPE)")
+        kv = self.n_kv_heads or self.n_heads
+        if kv <= 0 or self.n_heads % kv:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({kv})")
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from, how it is tokenized and batched (per data-parallel rank)."""
+    source: str = "stdlib"  # "stdlib" (embedded default) or a path to .txt/.jsonl/.parquet files or folders
+    text_field: str = "text"  # field holding the text in .jsonl / .parquet
+    tokenizer: str | None = None  # existing sentencepiece .model; None trains one on the corpus
+    cache_dir: str = ".cache/data"  # prepared tokens and trained tokenizers are cached here
+    max_chars: int | None = 20_000_000  # cap on corpus characters read (None: all)
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per data-parallel rank per micro-batch
+    val_fraction: float = 0.02
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.seq_len <= 0:
+            raise ConfigError(f"data.seq_len must be positive, got {self.seq_len}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.max_chars is not None and self.max_chars <= 0:
+            raise ConfigError(f"data.max_chars must be positive or null, got {self.max_chars}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final LR as a fraction of lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    fused: bool | None = None  # None: fused AdamW where the device supports it
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for k in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ConfigError(f"optim.{k} must be in [0, 1), got {getattr(self, k)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine|wsd|constant, got {self.schedule!r}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class DropoutConfig:
+    """Per-sample layer dropout: p(l, t) = S(t) * D(l) * p_max (see LAYERSKIP.md)."""
+    p_max: float = 0.0
+    depth: str = "exp"  # exp | linear | uniform
+    time: str = "constant"  # constant | exp | linear
+    rates: list[float] | None = None  # explicit per-layer rates, replacing D(l) * p_max
+    mode: str = "balanced"  # balanced (same drop count per DP rank) | global (by global sample index)
+
+    def validate(self, n_layers: int) -> None:
+        if not 0.0 <= self.p_max <= 1.0:
+            raise ConfigError(f"layerskip.dropout.p_max must be in [0, 1], got {self.p_max}")
+        if self.depth not in ("exp", "linear", "uniform"):
+            raise ConfigError(f"layerskip.dropout.depth must be exp|linear|uniform, got {self.depth!r}")
+        if self.time not in ("constant", "exp", "linear"):
+            raise ConfigError(f"layerskip.dropout.time must be constant|exp|linear, got {self.time!r}")
+        if self.mode not in ("balanced", "global"):
+            raise ConfigError(f"layerskip.dropout.mode must be balanced|global, got {self.mode!r}")
+        if self.rates is not None:
+            if len(self.rates) != n_layers:
+                raise ConfigError(
+                    f"layerskip.dropout.rates has {len(self.rates)} entries, the model has {n_layers} layers")
+            for i, r in enumerate(self.rates):
+                if not 0.0 <= r <= 1.0:
+                    raise ConfigError(f"layerskip.dropout.rates[{i}] must be in [0, 1], got {r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.p_max > 0 or (self.rates is not None and any(r > 0 for r in self.rates))
+
+
+@dataclass
+class ExitConfig:
+    """Early-exit loss through the shared final norm + output head."""
+    layers: Any = None  # None/[] = off; a list of block indices or a slice string like "0::4"
+    curriculum: str = "rotational"  # rotational | gradual | fixed
+    period: int = 8  # R for the rotational curriculum
+    e_scale: float = 0.2
+    weighting: str = "paper"  # paper | uniform | linear
+    chunk_tokens: int = 4096  # tokens per chunk of exit logits (memory bound: chunk_tokens x vocab)
+
+    def validate(self, n_layers: int) -> None:
+        if self.curriculum not in ("rotational", "gradual", "fixed"):
+            raise ConfigError(
+                f"layerskip.exit.curriculum must be rotational|gradual|fixed, got {self.curriculum!r}")
+        if self.period < 1:
+            raise ConfigError(f"layerskip.exit.period must be >= 1, got {self.period}")
+        if not 0.0 <= self.e_scale <= 1.0:
+            raise ConfigError(f"layerskip.exit.e_scale must be in [0, 1], got {self.e_scale}")
+        if self.weighting not in ("paper", "uniform", "linear"):
+            raise ConfigError(f"layerskip.exit.weighting must be paper|uniform|linear, got {self.weighting!r}")
+        if self.chunk_tokens <= 0:
+            raise ConfigError(f"layerskip.exit.chunk_tokens must be positive, got {self.chunk_tokens}")
+        self.layer_list(n_layers)
+
+    def layer_list(self, n_layers: int) -> list[int]:
+        """The block indices allowed to exit (sorted, unique). The last block is not listed: it is
+        the model's own output and always in the loss."""
+        spec = self.layers
+        if spec is None or spec == [] or spec == "":
+            return []
+        if isinstance(spec, str):
+            try:
+                parts = [int(p) if p.strip() else None for p in spec.split(":")]
+                if len(parts) == 1:
+                    idx = [parts[0]]
+                elif len(parts) <= 3:
+                    idx = list(range(n_layers))[slice(*parts)]
+                else:
+                    raise ValueError
+            except (ValueError, TypeError):
+                raise ConfigError(
+                    f"layerskip.exit.layers: {spec!r} is not a slice string like '0::4' or '2:10:2'") from None
+        else:
+            idx = list(spec)
+        out = []
+        for i in idx:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ConfigError(f"layerskip.exit.layers entries must be integers, got {i!r}")
+            j = i + n_layers if i < 0 else i
+            if not 0 <= j < n_layers:
+                raise ConfigError(f"layerskip.exit.layers: layer {i} is out of range for {n_layers} layers")
+            out.append(j)
+        return sorted(set(out) - {n_layers - 1})
+
+
+@dataclass
+class LayerSkipConfig:
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    exit: ExitConfig = field(default_factory=ExitConfig)
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = -1  # data-parallel (FSDP) degree; -1 takes what TP leaves of the world
+    tp: int = 1  # tensor-parallel degree
+    ac: str = "none"  # none | selective | full activation checkpointing
+    compile: bool = False
+    reshard_after_forward: bool = True
+    timeout_s: float = 300.0  # a collective that takes longer raises instead of hanging
+
+    def validate(self) -> None:
+        if self.ac not in ("none", "selective", "full"):
+            raise ConfigError(f"parallel.ac must be none|selective|full, got {self.ac!r}")
+        if self.tp < 1:
+            raise ConfigError(f"parallel.tp must be >= 1, got {self.tp}")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard must be >= 1 or -1, got {self.dp_shard}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps between saves; 0 disables periodic saves (the final step is saved)
+    keep: int = 2  # complete checkpoints kept; older ones are deleted
+    async_save: bool = field(default=False, metadata={"key": "async"})
+    resume: str = "latest"  # latest | none | <step>
+    save_final: bool = True
+
+    def validate(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval must be >= 0, got {self.interval}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        r = str(self.resume)
+        if r not in ("latest", "none") and not r.isdigit():
+            raise ConfigError(f"checkpoint.resume must be latest|none|<step>, got {self.resume!r}")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"logging.every must be >= 1, got {self.every}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps between validations; 0 disables (a final one still runs)
+    batches: int = 8  # validation batches per rank
+    per_layer: bool = True  # validate every layer's exit, not only the last
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        if self.batches < 1:
+            raise ConfigError(f"eval.batches must be >= 1, got {self.batches}")
+
+
+@dataclass
+class RunConfig:
+    steps: int = 200
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    dtype: str = "auto"  # auto (bf16 params on GPU, fp32 on CPU) | float32 | bfloat16
+    max_nan_steps: int = 0  # consecutive non-finite losses tolerated before stopping
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"train.dtype must be auto|float32|bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    layerskip: LayerSkipConfig = field(default_factory=LayerSkipConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    run_dir: str | None = None  # default: outputs/<run id>
+    experiment: str = "quickstart"
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.layerskip.dropout.validate(self.model.n_layers)
+        self.layerskip.exit.validate(self.model.n_layers)
+        self.parallel.validate()
+        self.checkpoint.validate()
+        self.logging.validate()
+        self.eval.validate()
+        self.train.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) is longer than the model's context "
+                f"model.max_seq_len ({self.model.max_seq_len})")
+
+
+# --------------------------------------------------------------------------- conversion
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, strictly (unknown keys are errors)."""
+    hints = typing.get_type_hints(cls)
+    fields = {_key(f.name, f): f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), list(fields), n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown setting {prefix}{k}{hint}")
+    kwargs = {}
+    for k, f in fields.items():
+        if k in data:
+            kwargs[f.name] = _convert(data[k], hints[f.name], f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Inverse of from_dict (YAML key names, e.g. checkpoint.async)."""
+    if dataclasses.is_dataclass(obj):
+        return {_key(f.name, f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def load_config(cfg: Any) -> Config:
+    """Convert a composed Hydra/OmegaConf config (or plain dict) into a validated `Config`."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - hydra is a hard dependency
+        pass
+    cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    config = from_dict(Config, cfg)
+    config.validate()
+    return config
+
+
+def register_schemas() -> None:
+    """Register the schema's defaults in Hydra's ConfigStore as `layerskip_titan_schema`;
+    recipes/train.yaml lists it first, so every key has its typed default even where no YAML sets
+    it, and `python -m train --cfg job` shows every key."""
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name="layerskip_titan_schema", node=to_dict(Config()))

@@ -1,0 +1,94 @@
+"""Metrics sinks: console, `metrics.jsonl` and TensorBoard, written by global rank 0 only.
+
+Keys are TensorBoard tags (`loss/total`, `loss/layer_03`, `val/loss/layer_03`, `throughput/tokens_per_s`,
+...). The JSONL file also carries the short aliases other tools rely on: `step`, `loss`, `lr`,
+`tokens_per_s`, and `val/loss` at validation steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("train")
+
+ALIASES = {"loss/total": "loss", "optim/lr": "lr", "throughput/tokens_per_s": "tokens_per_s",
+           "val/loss/final": "val/loss", "optim/grad_norm": "grad_norm"}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Appending keeps the history of a resumed run in one file; resumed steps are rewritten
+        # with the same values, so readers should take the last record of a step.
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def log(self, step: int, values: dict[str, float], console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3)}
+        for k, v in values.items():
+            v = float(v)
+            record[k] = v if math.isfinite(v) else str(v)
+            if k in ALIASES:
+                record[ALIASES[k]] = record[k]
+            if self._tb is not None and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps(record) + "\n")
+        if console:
+            log.info(console)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def device_peak_flops(device: torch.device) -> tuple[float, str]:
+    """Peak dense bf16 FLOP/s of the device for MFU, and where the number comes from. On a CPU there
+    is no datasheet number we can know, so we measure the fp32 matmul rate once (a generous
+    practical peak, so CPU MFU reads low rather than flattering)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                 "L40S": 362e12, "B200": 2250e12, "GB200": 2500e12}
+        for key, peak in table.items():
+            if key in name:
+                return peak, f"{name} datasheet bf16 dense"
+        return 312e12, f"{name} (unknown; assuming A100 bf16 dense)"
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    reps = 8
+    for _ in range(reps):
+        a @ b
+    dt = time.perf_counter() - t0
+    return 2 * n**3 * reps / dt, f"measured fp32 matmul on {os.cpu_count()} CPU threads"
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"memory/active_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "memory/reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    try:
+        import resource
+        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"memory/max_rss_gib": rss_kib / 2**20}
+    except ImportError:  # pragma: no cover - non-POSIX
+        return {}

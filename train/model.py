@@ -1,0 +1,117 @@
+"""The Llama model: torchtitan 0.2.2's Llama 3 Transformer, extended for early exit.
+
+We subclass rather than fork, so torchtitan's blocks, init, TP plan, FLOP count and Hugging Face
+state-dict adapter apply unchanged. What we add:
+- `unembed(h)`: final norm + output projection, the one head every exit shares;
+- `forward(tokens, keep=..., capture=..., loss_fn=...)`: per-layer subsets of kept samples (layer
+  dropout computes only those; the rest pass through unchanged), hidden states captured after
+  chosen blocks, and a loss computed *inside* the root forward, so FSDP2's root hooks cover the
+  head's parameters for every exit.
+The model knows nothing of how `keep` or the loss are chosen (train/layerskip/ does).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+from torchtitan.models.llama3.model.args import RoPEScalingArgs
+from torchtitan.models.utils import get_dense_model_nparams_and_flops
+
+from train.config import ModelConfig
+
+# A loss over the final hidden state and the captured ones; called inside forward.
+LossFn = Callable[["LayerSkipLlama", torch.Tensor, dict[int, torch.Tensor]], object]
+
+
+def model_args(cfg: ModelConfig) -> TransformerModelArgs:
+    """torchtitan args for our config. Without rope_scaling the scaling factor is 1, which leaves
+    the frequencies untouched (Llama 2 and our small models)."""
+    scaling = RoPEScalingArgs() if cfg.rope_scaling else RoPEScalingArgs(scaling_factor=1.0)
+    return TransformerModelArgs(
+        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+        vocab_size=cfg.vocab_size, multiple_of=cfg.multiple_of,
+        ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, rope_scaling_args=scaling, max_seq_len=cfg.max_seq_len,
+    )
+
+
+class LayerSkipLlama(Transformer):
+    """torchtitan's Llama with exits through the shared head and per-sample block subsets."""
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden state `h` (after any block) through the final norm and output head."""
+        return self.output(self.norm(h))
+
+    def run_block(self, layer_id: int, h: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        block = self.layers[str(layer_id)]
+        if keep is None:
+            return block(h, self.freqs_cis, attention_masks=None)
+        # Layer dropout: run the block on the kept samples only; dropped samples pass through.
+        if keep.numel() == 0:
+            # Every sample dropped on this rank. The block must still run forward and backward
+            # here, or this rank would skip FSDP2's all-gather / reduce-scatter that the others
+            # join, and training would hang. One sample's work, added times zero (exact).
+            out = block(h[:1], self.freqs_cis, attention_masks=None)
+            return h + 0.0 * out.sum()
+        sub = h.index_select(0, keep)
+        # One compiled graph for every kept count (0 and 1 may each add one specialisation).
+        torch._dynamo.maybe_mark_dynamic(sub, 0)
+        out = block(sub, self.freqs_cis, attention_masks=None)
+        return h.index_copy(0, keep, out)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        keep: Sequence[torch.Tensor | None] | None = None,
+        capture: Sequence[int] = (),
+        loss_fn: LossFn | None = None,
+    ):
+        """tokens [B, S] -> logits [B, S, V], or `(h_last, {l: h_l})` if `capture` is given, or
+        `loss_fn(self, h_last, {l: h_l})` if a loss is given. `h_l` is the output of block l (after
+        l + 1 blocks), before the final norm. `keep[l]` holds the indices of samples block l runs
+        on (None: all)."""
+        if keep is not None and len(keep) != self.n_layers:
+            raise ValueError(f"keep has {len(keep)} entries for {self.n_layers} layers")
+        capture = set(capture)
+        h = self.tok_embeddings(tokens)
+        hidden: dict[int, torch.Tensor] = {}
+        for l in range(self.n_layers):
+            h = self.run_block(l, h, None if keep is None else keep[l])
+            if l in capture:
+                hidden[l] = h
+        if loss_fn is not None:
+            return loss_fn(self, h, hidden)
+        if capture:
+            return h, hidden
+        return self.unembed(h)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> LayerSkipLlama:
+    """Construct on `device` without initialising (meta by default: no memory). Call
+    `init_model` after parallelisation to allocate and initialise the local shards."""
+    with torch.device(device):
+        return LayerSkipLlama(model_args(cfg))
+
+
+@torch.no_grad()
+def init_model(model: LayerSkipLlama, device: torch.device | str, seed: int) -> LayerSkipLlama:
+    """Allocate (possibly sharded) parameters on `device` and initialise them with torchtitan's
+    init. Seeded so every layout initialises the same full weights (DTensor random ops are
+    layout-invariant)."""
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights(buffer_device=torch.device(device))
+    return model
+
+
+def flops_per_token(cfg: ModelConfig, model: nn.Module, seq_len: int) -> tuple[int, float, float]:
+    """(parameters, training FLOPs per token of the whole model, FLOPs per token of one block's
+    forward + backward). torchtitan's count: 6 * non-embedding params + attention."""
+    args = model_args(cfg)
+    n_params, total = get_dense_model_nparams_and_flops(args, model, 2 * (cfg.dim // cfg.n_heads), seq_len)
+    head = 6 * cfg.dim * cfg.vocab_size
+    per_block = (total - head) / cfg.n_layers
+    return n_params, float(total), float(per_block)
