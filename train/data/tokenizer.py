@@ -1,0 +1,150 @@
+"""Sentencepiece tokenizer: load an existing `.model` (for example Llama 2's) or train a BPE on the
+corpus.
+
+A trained tokenizer is Llama-2-like: BPE with byte fallback (no unknown characters: anything outside
+the vocabulary is spelled in bytes, so decode(encode(text)) == text), digits split one by one, ids
+unk=0, bos=1, eos=2, pad=3. Unlike Llama 2 it keeps text verbatim (no normalisation, no dummy
+leading space, runs of spaces kept) because the default corpus is source code, where whitespace is
+meaning. Training sees a sample of the corpus (`sample_chars`), so it takes seconds whatever the
+corpus size.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+from train.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# Training input is cut into pieces of this many characters and a random subset of pieces is kept,
+# so a corpus of one huge document is sampled as evenly as one of many small files.
+_PIECE_CHARS = 16_384
+
+
+class Tokenizer:
+    """A sentencepiece model. `encode` adds no BOS/EOS: packing adds them around each document."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"tokenizer {self.path} does not exist")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"tokenizer {self.path} is not a sentencepiece model: {e}") from None
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise DataError(f"tokenizer {self.path} defines no BOS/EOS token "
+                            f"(bos_id={self.bos_id}, eos_id={self.eos_id}); documents need both")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """-1 when the model has none (Llama 2's)."""
+        return self._sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once on all cores (sentencepiece's own threads)."""
+        return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def check_fits(self, model_vocab_size: int) -> None:
+        """Every token id must index the model's embedding."""
+        if self.vocab_size > model_vocab_size:
+            raise DataError(
+                f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary "
+                f"(model.vocab_size) has only {model_vocab_size}; set model.vocab_size >= "
+                f"{self.vocab_size} or use another tokenizer (data.tokenizer)")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, *,
+                    expected_chars: int, sample_chars: int = 8_000_000, seed: int = 0) -> Tokenizer:
+    """Train a BPE tokenizer of at most `vocab_size` tokens on a sample of `documents` and write it
+    to `out_path` atomically (a temporary file renamed into place).
+
+    `expected_chars` (an estimate of the corpus size) sets the fraction of the corpus sampled, so
+    the sample of about `sample_chars` characters is spread over the whole corpus. On a corpus too
+    small for `vocab_size` the vocabulary ends up smaller (it still fits the model).
+    """
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    keep = min(1.0, sample_chars / max(1, expected_chars))
+    rng = random.Random(seed)
+    lines: list[str] = []  # sentencepiece learns from lines; a newline itself becomes a byte token
+    n_chars = 0
+    for doc in documents:
+        for start in range(0, len(doc), _PIECE_CHARS):
+            if rng.random() < keep:
+                piece = [line for line in doc[start:start + _PIECE_CHARS].split("\n") if line.strip()]
+                lines += piece
+                n_chars += sum(map(len, piece))
+        if n_chars >= sample_chars:
+            break
+    if not lines:
+        raise DataError("the corpus has no text to train a tokenizer on")
+    log.info("training a %d-token BPE tokenizer on %.1fM characters (%d lines) of the corpus",
+             vocab_size, n_chars / 1e6, len(lines))
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        # In-memory input and output: no paths end up inside the model, so the same corpus gives
+        # the same file, byte for byte.
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, hard_vocab_limit=False,  # small corpora: fewer tokens is fine
+            byte_fallback=True, split_digits=True, character_coverage=0.9995,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+            max_sentence_length=16_384, input_sentence_size=2_000_000,
+            shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"training a tokenizer with vocab_size={vocab_size} failed: {e}") from None
+    write_atomic(out_path, model.getvalue())
+    tok = Tokenizer(out_path)
+    log.info("tokenizer %s: %d tokens, trained in %.1f s", out_path, tok.vocab_size,
+             time.perf_counter() - t0)
+    return tok
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and one rename, so a
+    reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of the cache
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
