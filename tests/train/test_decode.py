@@ -1,0 +1,132 @@
+"""KV-cache inference, self-speculative decoding (== greedy) and the decode CLI end to end."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import ModelConfig
+from train.inference import CachedLlama, greedy_generate, self_speculative_generate
+from train.model import build_model, init_model
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=96)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_model(cfg: ModelConfig = CFG, seed: int = 0):
+    """Random weights large enough that every block changes the prediction (at torchtitan's init
+    the embeddings dominate and every exit predicts the same tokens: speculation would be trivial)."""
+    model = init_model(build_model(cfg), "cpu", seed).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "tok_embeddings" not in name:
+                p.normal_(0, 1.5 / p.shape[1] ** 0.5)
+    return model
+
+
+@torch.no_grad()
+def test_kv_cache_forward_equals_full_forward_position_by_position():
+    model = random_model()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    _, hidden = model(tokens, capture=range(CFG.n_layers))
+    engine = CachedLlama(model)
+    engine.reset(2, 13)
+    # Chunks of 5, 1 and 7 new positions, each attending to the cached ones.
+    h = torch.cat([engine.forward_cached(tokens[:, a:b], a) for a, b in ((0, 5), (5, 6), (6, 13))], dim=1)
+    torch.testing.assert_close(engine.logits_at_exit(h), model(tokens), atol=1e-5, rtol=0)
+    # A block range: the first 2 blocks, then the rest from their output, equals the exit at block 1.
+    engine.reset(2, 13)
+    h2 = engine.forward_cached(tokens, 0, (0, 2))
+    torch.testing.assert_close(h2, hidden[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine.forward_cached(h2, 0, (2, 4)), hidden[3], atol=1e-5, rtol=0)
+    # Rolling back and writing other tokens at the same positions forgets the old ones.
+    engine.truncate(8)
+    other = tokens.clone()
+    other[:, 8:] = (other[:, 8:] + 1) % CFG.vocab_size
+    h3 = engine.forward_cached(other[:, 8:], 8, (0, 2))
+    torch.testing.assert_close(h3, model(other, capture=[1])[1][1][:, 8:], atol=1e-5, rtol=0)
+
+
+def test_self_speculative_output_is_identical_to_greedy():
+    nontrivial = 0
+    for seed in (0, 1):
+        model = random_model(seed=seed)
+        for prompt_len in (1, 7):
+            prompt = torch.randint(0, CFG.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+            greedy = greedy_generate(model, prompt, 30)
+            assert len(greedy.tokens) == 30
+            eos = greedy.tokens[10]  # a token greedy decoding really emits, so it stops early
+            greedy_eos = greedy_generate(model, prompt, 30, eos_id=eos)
+            assert greedy_eos.tokens == greedy.tokens[:greedy.tokens.index(eos) + 1]
+            for E, d in ((1, 1), (1, 4), (2, 3), (3, 6)):
+                spec = self_speculative_generate(model, prompt, 30, exit_layer=E, draft_len=d)
+                assert spec.tokens == greedy.tokens, (seed, prompt_len, E, d)
+                assert self_speculative_generate(model, prompt, 30, E, d, eos_id=eos).tokens == greedy_eos.tokens
+                assert 0 <= spec.accepted <= spec.drafted
+                # Each verify pass yields the accepted drafts plus one token (after the prompt's).
+                assert spec.accepted + spec.verify_passes == len(spec.tokens) - 1
+                nontrivial += 0 < spec.acceptance_rate < 1
+    assert nontrivial > 0  # the drafts really came from the early exit, not the full model
+    with pytest.raises(ValueError, match="exit_layer"):
+        self_speculative_generate(model, [1], 5, exit_layer=CFG.n_layers, draft_len=2)
+
+
+def _png_pixels(path: Path) -> tuple[int, int, bytes]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body)
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + n
+    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
+    return w, h, zlib.decompress(chunks[b"IDAT"])
+
+
+def test_decode_cli_end_to_end(tmp_path):
+    pytest.importorskip("safetensors")
+    spm = pytest.importorskip("sentencepiece")
+    from train.decode import main
+    from train.hf import export_hf
+    text = Path(ROOT, "train/inference.py").read_text() + Path(ROOT, "train/model.py").read_text()
+    (tmp_path / "corpus.txt").write_text(text)
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), model_type="bpe",
+        vocab_size=400, hard_vocab_limit=False, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=3, minloglevel=2)
+    run = tmp_path / "run"
+    # No tokenizer conversion (that needs transformers): the CLI itself only reads tokenizer.model.
+    export_hf(random_model().state_dict(), CFG, run / "hf", None, torch.float32, heldout_text=text)
+    shutil.copy(tmp_path / "sp.model", run / "hf" / "tokenizer.model")
+
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    main(["--model", str(run), "--json", str(out_json), "--plot", str(out_png), "--exits", "1,3",
+          "--draft", "2,3", "--prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "12",
+          "--max-tokens", "256", "--seq-len", "32", "--device", "cpu"])
+    report = json.loads(out_json.read_text())
+    layers = report["perplexity"]["layers"]
+    assert [r["exit"] for r in layers] == [1, 2, 3, 4] and report["perplexity"]["tokens"] == 256
+    assert all(r["perplexity"] > 1 for r in layers)
+    runs = report["speculative"]["runs"]
+    assert [(r["exit"], r["draft"]) for r in runs] == [(1, 2), (1, 3), (3, 2), (3, 3)]
+    assert all(r["identical"] and r["speedup"] > 0 for r in runs)
+    w, h, pixels = _png_pixels(out_png)
+    assert len(pixels) == h * (1 + 3 * w) and len(set(pixels)) > 2  # RGB rows, something drawn
+
+    with pytest.raises(SystemExit, match="train.export"):
+        main(["--model", str(tmp_path / "nowhere")])

@@ -1,0 +1,203 @@
+"""Evaluate a trained model's early exits and self-speculative decoding.
+
+    python -m train.decode --model RUN_DIR|HF_DIR [--text FILE] [--json FILE] [--plot FILE.png]
+        [--exits 2,4,6] [--draft 2,4,8] [--max-new-tokens 64] [--prompts N] [--max-tokens N]
+
+--model is a Hugging Face export (config.json + safetensors + tokenizer.model) or a run directory
+holding one at RUN_DIR/hf/ (`python -m train.export --run RUN_DIR --out RUN_DIR/hf` writes it;
+training runs export there when they finish). The held-out text is --text, else HF_DIR/heldout.txt.
+
+Reports (table on stdout, --json, --plot):
+1. Perplexity of every exit E = 1..L (E blocks, then the shared norm + head) on the held-out text
+   (--max-tokens of it; 0 skips this).
+2. Self-speculative decoding for every (E, d) in --exits x --draft on --prompts prompts cut from the
+   held-out text: acceptance rate, tokens/s, speedup over ordinary greedy decoding measured in the
+   same process on the same prompts, and whether the outputs are identical (they must be; in
+   bfloat16 rare near-ties may differ). --prompts 0 skips this.
+The plot has two panels: perplexity by E (log scale) and speedup by E with one line per d (colours
+listed on stdout and in the JSON); the dashed line is speedup 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from train.hf import load_hf_model
+from train.inference import greedy_generate, self_speculative_generate
+from train.model import LayerSkipLlama
+from train.plot_png import COLOR_NAMES, Panel, write_png
+
+
+def resolve_hf_dir(path: str) -> Path:
+    p = Path(path)
+    for cand in (p, p / "hf"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise SystemExit(f"--model {path}: neither a Hugging Face export (no {p}/config.json) nor a run "
+                     f"directory with one at {p}/hf; write it with: "
+                     f"python -m train.export --run {path} --out {p}/hf")
+
+
+def _ints(spec: str, name: str) -> list[int]:
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"{name}: {spec!r} is not a comma-separated list of integers") from None
+
+
+@torch.no_grad()
+def exit_perplexities(model: LayerSkipLlama, ids: list[int], seq_len: int, max_tokens: int,
+                      chunk_tokens: int = 2048) -> dict:
+    """Cross-entropy and perplexity of every exit on non-overlapping windows of `ids` (at most
+    `max_tokens` predicted tokens, at least one window). Logits are computed one layer and
+    `chunk_tokens` at a time, so memory stays at chunk_tokens x vocabulary."""
+    L, device = model.n_layers, model.freqs_cis.device
+    n_windows = min((len(ids) - 1) // seq_len, max(1, max_tokens // seq_len))
+    if n_windows < 1:
+        raise SystemExit(f"the held-out text has {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+    data = torch.tensor(ids[:n_windows * seq_len + 1], device=device)
+    totals = torch.zeros(L, dtype=torch.float64)
+    per_batch = max(1, chunk_tokens // seq_len)
+    for start in range(0, n_windows, per_batch):
+        idx = torch.arange(start, min(start + per_batch, n_windows), device=device)
+        pos = idx[:, None] * seq_len + torch.arange(seq_len + 1, device=device)
+        x, y = data[pos[:, :-1]], data[pos[:, 1:]]
+        _, hidden = model(x, capture=range(L))
+        for l in range(L):
+            h, t = hidden[l].flatten(0, 1), y.flatten()
+            for c in range(0, h.shape[0], chunk_tokens):
+                logits = model.unembed(h[c:c + chunk_tokens]).float()
+                totals[l] += F.cross_entropy(logits, t[c:c + chunk_tokens], reduction="sum").item()
+    n = n_windows * seq_len
+    rows = [{"exit": l + 1, "layer": l, "loss": totals[l].item() / n,
+             "perplexity": math.exp(min(totals[l].item() / n, 700.0))} for l in range(L)]
+    return {"tokens": n, "seq_len": seq_len, "layers": rows}
+
+
+def speculative_sweep(model: LayerSkipLlama, prompts: list[list[int]], exits: list[int], drafts: list[int],
+                      max_new_tokens: int, eos_id: int | None) -> dict:
+    """Greedy baseline and self-speculative decoding for every (E, d), on the same prompts."""
+    # Warm-up (allocator, kernels) so the first timed configuration is not penalised.
+    greedy_generate(model, prompts[0], min(8, max_new_tokens), eos_id)
+    self_speculative_generate(model, prompts[0], min(8, max_new_tokens), exits[0], drafts[0], eos_id)
+    base = [greedy_generate(model, p, max_new_tokens, eos_id) for p in prompts]
+    base_tokens, base_s = sum(len(g.tokens) for g in base), sum(g.wall_s for g in base)
+    result = {"greedy": {"tokens": base_tokens, "seconds": base_s, "tokens_per_s": base_tokens / base_s},
+              "runs": []}
+    for E in exits:
+        for d in drafts:
+            runs = [self_speculative_generate(model, p, max_new_tokens, E, d, eos_id) for p in prompts]
+            tokens, secs = sum(len(r.tokens) for r in runs), sum(r.wall_s for r in runs)
+            drafted, accepted = sum(r.drafted for r in runs), sum(r.accepted for r in runs)
+            mismatched = sum(r.tokens != g.tokens for r, g in zip(runs, base))
+            tps = tokens / secs
+            result["runs"].append({
+                "exit": E, "draft": d, "acceptance_rate": accepted / drafted if drafted else 0.0,
+                "drafted": drafted, "accepted": accepted, "verify_passes": sum(r.verify_passes for r in runs),
+                "tokens": tokens, "seconds": secs, "tokens_per_s": tps,
+                "speedup": tps / result["greedy"]["tokens_per_s"],
+                "identical": mismatched == 0, "mismatched_prompts": mismatched})
+    return result
+
+
+def _prompts(ids: list[int], n: int, length: int) -> list[list[int]]:
+    """`n` prompts of `length` tokens at evenly spaced offsets of the held-out text."""
+    if len(ids) < length:
+        raise SystemExit(f"the held-out text has {len(ids)} tokens, fewer than --prompt-tokens {length}")
+    span = len(ids) - length
+    offsets = [0] if n == 1 else [i * span // (n - 1) for i in range(n)]
+    return [ids[o:o + length] for o in offsets]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m train.decode", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="HF export folder or run directory (uses RUN_DIR/hf)")
+    ap.add_argument("--text", help="held-out text file (default: HF_DIR/heldout.txt)")
+    ap.add_argument("--json", help="write the results as JSON here")
+    ap.add_argument("--plot", help="write a PNG plot here")
+    ap.add_argument("--exits", help="draft depths E for speculative decoding (default: L/4, L/2, 3L/4)")
+    ap.add_argument("--draft", default="2,4,8", help="draft lengths d (default: 2,4,8)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts for the speculative sweep (0: skip)")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16384, help="tokens for perplexity (0: skip)")
+    ap.add_argument("--seq-len", type=int, default=512, help="perplexity window (capped at the context)")
+    ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = ap.parse_args(argv)
+
+    hf_dir = resolve_hf_dir(args.model)
+    text_path = Path(args.text) if args.text else hf_dir / "heldout.txt"
+    if not text_path.is_file():
+        raise SystemExit(f"no held-out text: {text_path} does not exist; pass --text FILE")
+    tok_path = hf_dir / "tokenizer.model"
+    if not tok_path.is_file():
+        raise SystemExit(f"{hf_dir} has no tokenizer.model (sentencepiece) to tokenize the text with")
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    model, cfg = load_hf_model(hf_dir, args.device, getattr(torch, args.dtype))
+    L = cfg.n_layers
+    exits = _ints(args.exits, "--exits") if args.exits else sorted({max(1, L * k // 4) for k in (1, 2, 3)} - {L})
+    drafts = _ints(args.draft, "--draft")
+    bad = [e for e in exits if not 1 <= e < L] + [d for d in drafts if d < 1]
+    if bad or not exits or not drafts:
+        raise SystemExit(f"--exits must be in [1, {L - 1}] and --draft >= 1 (got {exits}, {drafts})")
+    ids = sp.encode(text_path.read_text(encoding="utf-8"))
+    eos = None if args.ignore_eos or sp.eos_id() < 0 else sp.eos_id()
+    report: dict = {"model": str(hf_dir), "n_layers": L, "device": args.device, "dtype": args.dtype,
+                    "text": str(text_path), "text_tokens": len(ids)}
+
+    if args.max_tokens > 0:
+        seq_len = min(args.seq_len, cfg.max_seq_len)
+        bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
+        ppl = report["perplexity"] = exit_perplexities(model, bos + ids, seq_len, args.max_tokens)
+        rows = ppl["layers"]
+        print(f"\nEarly-exit perplexity on {text_path} ({ppl['tokens']} tokens, windows of {seq_len})")
+        print(f"{'exit E':>6} {'block':>5} {'loss':>8} {'perplexity':>12}")
+        for r in rows:
+            print(f"{r['exit']:>6} {r['layer']:>5} {r['loss']:>8.4f} {r['perplexity']:>12.2f}")
+
+    if args.prompts > 0:
+        prompts = _prompts(ids, args.prompts, args.prompt_tokens)
+        spec = speculative_sweep(model, prompts, exits, drafts, args.max_new_tokens, eos)
+        spec.update(prompts=len(prompts), prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens)
+        report["speculative"] = spec
+        g = spec["greedy"]
+        print(f"\nSelf-speculative decoding, {len(prompts)} prompts x {args.max_new_tokens} new tokens; "
+              f"greedy baseline {g['tokens_per_s']:.1f} tokens/s")
+        print(f"{'E':>3} {'d':>3} {'accept':>7} {'tok/s':>9} {'speedup':>8} {'identical':>9}")
+        for r in spec["runs"]:
+            print(f"{r['exit']:>3} {r['draft']:>3} {r['acceptance_rate']:>7.3f} {r['tokens_per_s']:>9.1f} "
+                  f"{r['speedup']:>7.2f}x {str(r['identical']):>9}")
+        if not all(r["identical"] for r in spec["runs"]):
+            print("WARNING: some speculative outputs differ from greedy decoding", file=sys.stderr)
+
+    if args.plot:
+        panels = []
+        if "perplexity" in report:
+            rows = report["perplexity"]["layers"]
+            panels.append(Panel([([r["exit"] for r in rows], [r["perplexity"] for r in rows])], log_y=True))
+        if "speculative" in report:
+            runs = report["speculative"]["runs"]
+            series = [([r["exit"] for r in runs if r["draft"] == d], [r["speedup"] for r in runs if r["draft"] == d])
+                      for d in drafts]
+            panels.append(Panel(series, hline=1.0))
+        write_png(args.plot, panels)
+        colours = ", ".join(f"d={d}: {COLOR_NAMES[i % len(COLOR_NAMES)]}" for i, d in enumerate(drafts))
+        report["plot"] = {"file": args.plot, "panels": ["perplexity by exit E (log scale)",
+                                                         f"speedup by E ({colours}); dashed: 1x"]}
+        print(f"\nplot: {args.plot} (left: perplexity by exit E, log scale; right: speedup by E, {colours})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
