@@ -1,0 +1,188 @@
+"""Turn a model built on the meta device into a parallel one: TP -> AC -> compile -> FSDP2.
+
+The order matters, as in torchtitan: tensor parallelism rewrites the weights into DTensors and
+installs the sequence-parallel layouts; activation checkpointing and compile wrap each block
+(compile sees the TP collectives and the checkpoint region); FSDP2 comes last so that its
+all-gather / reduce-scatter hooks sit outside the compiled, checkpointed block.
+
+What this module assumes of the model (torchtitan's Llama layout): blocks in the ModuleDict
+`model.layers`, each called as `block(h, freqs_cis, attention_masks=None)`; `tok_embeddings`,
+`norm` and `output` at the root. It knows nothing of what the forward computes: layer dropout
+selects samples (`index_select` / `index_copy` on the batch dimension) *outside* the blocks, so it
+is never inside a checkpointed or compiled region, and under TP the tensors between blocks are
+plain local tensors of shape [batch, seq / tp, dim] whose batch dimension is intact.
+
+Wrapping renames parameters: checkpointing inserts `_checkpoint_wrapped_module.` and compile
+`_orig_mod.` into the names. `canonical_name` removes them; torch.distributed.checkpoint's
+get_model_state_dict / set_model_state_dict already do.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torchtitan.models.llama3.infra.parallelize import apply_tp as _torchtitan_apply_tp
+
+from parallel.dims import ParallelDims
+from train.config import ConfigError, ParallelConfig
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the prefixes that checkpointing and compile insert."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _blocks(model: nn.Module) -> nn.ModuleDict:
+    return model.layers  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- TP
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """torchtitan's Llama plan: column/row-parallel attention and FFN, sequence parallelism for
+    the norms and the residual stream (between blocks, hidden states are local [B, S/tp, D]),
+    and a loss-parallel head: logits come out as a DTensor sharded over the vocabulary
+    (Shard(-1)); compute cross-entropy on them under `torch.distributed.tensor.parallel.
+    loss_parallel()`, or call `.full_tensor()`."""
+    _torchtitan_apply_tp(model, tp_mesh, loss_parallel=True, enable_float8_tensorwise_tp=False)
+
+
+# ------------------------------------------------------------------------------------------- AC
+
+# Selective AC keeps the outputs of the expensive ops (matmuls, attention, and the TP
+# reduce-scatter, which would otherwise be a collective repeated in backward) and recomputes the
+# cheap ones (norms, RoPE, SiLU, residual adds), as in Korthikanti et al. 2022 and torchtitan's
+# op-level SAC. Layer-level alternatives (checkpoint every other block) would make the memory of
+# a block depend on its index; op-level is the same for every block.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+}
+
+
+def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if func in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_ac(model: nn.Module, mode: str) -> None:
+    """Activation checkpointing per block (non-reentrant).
+
+    none: keep every activation. full: keep only each block's input; the whole block is
+    recomputed in backward. selective: op-level -- keep matmul / attention / reduce-scatter
+    outputs, recompute the rest. The wrapped block takes the same arguments as the block."""
+    if mode == "none":
+        return
+    if mode not in ("selective", "full"):
+        raise ConfigError(f"parallel.ac must be none|selective|full, got {mode!r}")
+    blocks = _blocks(model)
+    for name, block in list(blocks.named_children()):
+        if mode == "full":
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)  # blocks draw no randoms
+        else:
+            wrapped = checkpoint_wrapper(
+                block, preserve_rng_state=False,
+                context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+        blocks.register_module(name, wrapped)
+
+
+# -------------------------------------------------------------------------------------- compile
+
+def _materialize(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.clone()
+
+
+def apply_compile(model: nn.Module, backend: str | object = "inductor") -> None:
+    """torch.compile each block separately (all blocks share one code object, so they share
+    compiled graphs and compile time does not grow with depth). The model marks the per-sample
+    batch dimension of a block's input as dynamic, so layer dropout's varying kept counts reuse
+    one graph instead of recompiling per count."""
+    if isinstance(model.tok_embeddings.weight, DTensor):
+        # Under TP the embedding's output is an AsyncCollectiveTensor (its reduce-scatter not yet
+        # waited on). Passed straight into a compiled block, the embedding receives no gradient
+        # (torch 2.13, seen with aot_eager). A clone waits and hands the block a plain tensor;
+        # the clone's backward saves nothing, so it costs one copy and no memory.
+        model.tok_embeddings.register_forward_hook(_materialize)
+    blocks = _blocks(model)
+    for name, block in list(blocks.named_children()):
+        blocks.register_module(name, torch.compile(block, backend=backend, fullgraph=True))
+
+
+# ----------------------------------------------------------------------------------------- FSDP
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
+               reduce_dtype: torch.dtype, reshard_after_forward: bool) -> None:
+    """FSDP2 units: the token embedding, each block, and the root (final norm + output head +
+    anything else). The head stays in the root because every exit's loss is computed inside the
+    root forward and may use `output.weight` directly.
+
+    Gradients are averaged over `dp_mesh` by FSDP2's default reduction (ReduceOp.AVG, or SUM on
+    one rank): no gradient divide factor, which would need PREMUL_SUM, unsupported by gloo."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    shard = partial(fully_shard, mesh=dp_mesh, mp_policy=mp)
+    shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward)
+    for block in _blocks(model).values():
+        shard(block, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again right at the start of backward: FSDP2 keeps the
+    # root unsharded after forward regardless of this flag.
+    shard(model, reshard_after_forward=reshard_after_forward)
+
+
+# ------------------------------------------------------------------------------------ composed
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
+                param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+                compile_backend: str | object = "inductor") -> nn.Module:
+    """Apply TP (if tp > 1), AC, compile (if enabled) and FSDP2, in that order, in place; returns
+    the model. `dims.build_mesh()` must have been called.
+
+    FSDP2 is applied in every layout, also on a single data-parallel rank: there it only casts
+    parameters for compute (mixed precision) and costs a local copy, and in exchange every
+    parameter is a DTensor in every layout, so checkpointing, clipping and optimizers see one
+    kind of model."""
+    if cfg.compile and cfg.ac == "full" and dims.tp_enabled:
+        # torch 2.13's AOT autograd fails on a compiled full-checkpoint region that contains TP
+        # collectives (it tries to save a DeviceMesh for backward); selective AC compiles fine.
+        raise ConfigError("parallel.ac=full cannot be compiled with parallel.tp > 1 in this torch "
+                          "version: use parallel.ac=selective, or parallel.compile=false")
+    if dims.tp_enabled:
+        apply_tp(model, dims.tp_mesh)
+    apply_ac(model, cfg.ac)
+    if cfg.compile:
+        apply_compile(model, compile_backend)
+    apply_fsdp(model, dims.dp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
+    return model
+
+
+def load_full_state_dict(model: nn.Module, full_state_dict: dict[str, torch.Tensor] | None) -> None:
+    """Load unsharded weights held by rank 0 into a parallelised (sharded) model on every rank:
+    rank 0 broadcasts each tensor and every rank keeps its own shard. Other ranks may pass None.
+
+    Use after the model's parameters are allocated (e.g. by `train.model.init_model`). This is
+    how to get the same weights in every layout: DTensor random init is layout-invariant only on
+    CUDA (not on CPU, and not equal to a plain-tensor init), while an init done once, unsharded,
+    on rank 0's CPU with a fixed seed is the same for every mesh and device."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and full_state_dict is None:
+        raise ValueError("load_full_state_dict: rank 0 must pass the full state dict")
+    set_model_state_dict(
+        model, full_state_dict if rank0 else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
