@@ -2,6 +2,9 @@
 # torch 2.13.0 first, explicitly: on this kind of machine pip takes its CPU build from local disk,
 # and every later requirement (torch>=2.11,<2.14) is then already satisfied.
 set -euo pipefail
+# torch 2.13: restarted workers can fail to rejoin when torchrun shares its rendezvous store
+# across restarts (pytorch/pytorch#135712); a fresh store per restart avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"

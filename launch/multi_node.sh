@@ -4,6 +4,9 @@
 # Under Slurm the values default to SLURM_NNODES, SLURM_NODEID, the first host of
 # SLURM_JOB_NODELIST and SLURM_JOB_ID.
 set -euo pipefail
+# torch 2.13: restarted workers can fail to rejoin when torchrun shares its rendezvous store
+# across restarts (pytorch/pytorch#135712); a fresh store per restart avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 cd "$(dirname "$0")/.."
 NNODES="${SLURM_NNODES:-1}"
 NODE_RANK="${SLURM_NODEID:-0}"

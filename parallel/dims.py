@@ -11,17 +11,9 @@ from dataclasses import dataclass, field
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from train.config import ConfigError, ModelConfig, ParallelConfig
+from train.config import ConfigError, ModelConfig, ParallelConfig, ffn_hidden_dim
 
 MESH_DIMS = ("dp_shard", "tp")
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """Width of the SwiGLU feed-forward layer, computed as torchtitan's FeedForward does."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 @dataclass

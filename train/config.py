@@ -23,6 +23,14 @@ def _key(name: str, f: dataclasses.Field) -> str:
     return f.metadata.get("key", name)
 
 
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The SwiGLU width torchtitan's Llama FeedForward computes from dim (the one formula here)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
 @dataclass
 class ModelConfig:
     """Llama shape. `name` is the preset file in recipes/model/ the values came from."""
@@ -39,6 +47,11 @@ class ModelConfig:
     rope_scaling: bool = False  # Llama 3.1+ long-context frequency scaling
     max_seq_len: int = 2048
     init_from: str | None = None  # Hugging Face Llama folder for continual pretraining
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width exactly as torchtitan's FeedForward derives it (hidden_dim = 4 * dim)."""
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def validate(self) -> None:
         for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from train.config import ConfigError, ModelConfig
+from train.config import ConfigError, ModelConfig, ffn_hidden_dim
 from train.model import LayerSkipLlama, build_model, model_args
 
 MAX_SHARD_BYTES = 4 * 2**30  # HF's usual shard size; smaller files load with less peak memory
@@ -44,14 +44,6 @@ def _adapter(cfg: ModelConfig):
 
 
 # --------------------------------------------------------------------------- config
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """The SwiGLU width exactly as torchtitan's FeedForward computes it from hidden_dim = 4 * dim."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
 
 def _special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
     """(bos, eos, vocab size) of a sentencepiece model path or processor-like object."""

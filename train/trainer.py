@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_mean, barrier, clip_grad_norm_, destroy, init_distributed
-from parallel.parallelize import parallelize
+from parallel.parallelize import load_full_state_dict, parallelize
 from train.checkpoint import CheckpointManager
 from train.config import Config, ConfigError, to_dict
 from train.data import build_data
@@ -75,6 +75,18 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
+def _write_run_assets(data, run_dir: Path) -> None:
+    """The tokenizer and a slice of held-out text travel with the run, so the export and
+    `python -m train.decode --model RUN_DIR` need nothing else."""
+    import shutil
+    shutil.copyfile(data.tokenizer.path, run_dir / "tokenizer.model.tmp")
+    os.replace(run_dir / "tokenizer.model.tmp", run_dir / "tokenizer.model")
+    ids = [seq for inputs, _ in data.val_batches(4) for seq in inputs.tolist()]
+    text = "\n".join(data.tokenizer.decode(seq) for seq in ids[:64])
+    (run_dir / "heldout.txt.tmp").write_text(text, encoding="utf-8")
+    os.replace(run_dir / "heldout.txt.tmp", run_dir / "heldout.txt")
+
+
 @torch.no_grad()
 def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, tp: int,
              dp_group) -> dict[str, float]:
@@ -98,6 +110,18 @@ def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, 
     return result
 
 
+def init_weights(model, cfg: Config, device: torch.device, rank: int) -> None:
+    """Allocate the local shards and initialise them. On CUDA, sharded init (DTensor random ops
+    are layout-invariant there). On CPU they are not, so rank 0 initialises the full model once
+    and broadcasts it: every layout then starts from the same weights (CPU models are small)."""
+    init_model(model, device, cfg.train.seed)
+    if device.type == "cpu":
+        full = None
+        if rank == 0:
+            full = init_model(build_model(cfg.model, "cpu"), "cpu", cfg.train.seed).state_dict()
+        load_full_state_dict(model, full)
+
+
 def run(cfg: Config) -> Path:
     rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
     try:
@@ -109,12 +133,12 @@ def run(cfg: Config) -> Path:
 def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     is_main = rank == 0
     dims = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp, world_size=world)
-    dims.check_model(cfg.model)
+    dims.check_model(cfg.model, cfg.data.seq_len)
     mesh = dims.build_mesh(device.type)
-    dp_group = mesh["dp_shard"].get_group() if world > 1 else None
+    dp_group = mesh["dp_shard"].get_group()
     run_dir = resolve_run_dir(cfg, rank)
     if is_main:
-        _write_config(cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         log.info("run directory: %s", run_dir.resolve())
     L = cfg.model.n_layers
     B, S = cfg.data.batch_size, cfg.data.seq_len
@@ -124,11 +148,14 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                       dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main,
                       barrier=barrier)
 
+    if is_main:
+        _write_run_assets(data, run_dir)
+
     # ---- model: meta -> parallelize -> allocate + init (or import) on the device
     param_dtype, reduce_dtype = _dtypes(cfg, device)
     model = build_model(cfg.model)
     parallelize(model, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    init_model(model, device, cfg.train.seed)
+    init_weights(model, cfg, device, rank)
     if cfg.model.init_from:
         from train.hf import load_into_model
         load_into_model(model, cfg.model.init_from, cfg.model)
@@ -138,7 +165,7 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
 
     # ---- LayerSkip
     dropout = LayerDropout(cfg.layerskip.dropout, n_layers=L, total_steps=cfg.train.steps,
-                           seed=cfg.train.seed, dp_rank=dims.dp_rank, dp_world=dims.dp_world)
+                           seed=cfg.train.seed, dp_rank=dims.dp_rank, dp_degree=dims.dp_world)
     curriculum = ExitCurriculum(cfg.layerskip.exit, n_layers=L, total_steps=cfg.train.steps)
 
     # ---- state, resume
@@ -154,6 +181,8 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
         if "torch_rng" in resumed:
             torch.set_rng_state(torch.tensor(resumed["torch_rng"], dtype=torch.uint8))
         log.info("resumed from step %d (%s)", state.step, ckpt.folder)
+    if is_main:  # only now: a refused resume must not overwrite the config of the run it refused
+        _write_config(cfg, run_dir)
 
     def extra_state() -> dict:
         return {"train_state": dataclasses.asdict(state), "data": data.train.state_dict(),
@@ -193,7 +222,7 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
             set_lr(optimizer, lr := lr_at(step, cfg.train.steps, cfg.optim))
             weights = curriculum.weights(step)  # active exits -> normalised weight (incl. L-1)
             capture = [l for l in weights if l != L - 1]
-            totals = torch.zeros(1 + len(weights), dtype=torch.float64)
+            totals = None  # [total, per exit...] summed over micro-batches, on the device
             kept = [0.0] * L
             for micro in range(accum):
                 inputs, labels = next(train_iter)
@@ -204,12 +233,12 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                 fn = make_exit_loss(labels, weights, cfg.layerskip.exit.chunk_tokens, tp_degree=dims.tp)
                 out = model(inputs, keep=plan.keep, capture=capture, loss_fn=fn)
                 (out.loss / accum).backward()
-                totals += torch.tensor([float(out.loss)] + [float(out.per_layer[l]) for l in weights],
-                                       dtype=torch.float64) / accum
+                parts = torch.stack([out.loss.detach()] + [out.per_layer[l].detach() for l in weights])
+                totals = parts / accum if totals is None else totals + parts / accum
                 kept = [k + f / accum for k, f in zip(kept, plan.kept_fraction)]
             grad_norm = clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
-            reduced = all_reduce_mean({"total": float(totals[0]),
-                                       **{str(l): float(v) for l, v in zip(weights, totals[1:])}},
+            host = totals.double().tolist()  # the step's one device->host sync
+            reduced = all_reduce_mean({"total": host[0], **{str(l): v for l, v in zip(weights, host[1:])}},
                                       dp_group)
             if not math.isfinite(reduced["total"]) or not math.isfinite(grad_norm):
                 nan_streak += 1
@@ -263,8 +292,8 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                 validate(state.step)
             if ckpt.should_save(state.step, last):
                 ckpt.save(state.step, model, optimizer, extra_state())
+        ckpt.wait()  # collective: only on the success path (a failing rank must not block the others)
     finally:
-        ckpt.wait()
         metrics.close()
     if is_main:
         log.info("done: %d steps, %d tokens; run directory %s", state.step, state.tokens_seen, run_dir.resolve())
