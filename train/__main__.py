@@ -35,11 +35,16 @@ def main(cfg: DictConfig) -> None:
     _setup_logging()
     try:
         config = load_config(cfg)
+        # The layout needs only the world size: check it before the heavy imports.
+        from parallel.dims import ParallelDims
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        ParallelDims(config.parallel.dp_shard, config.parallel.tp, world).check_model(
+            config.model, config.data.seq_len)
+        from train.trainer import run
+        run(config)
     except ConfigError as e:
         logging.getLogger("train").error("invalid configuration: %s", e)
         sys.exit(2)
-    from train.trainer import run  # heavy imports only after the config is known to be valid
-    run(config)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_mean, barrier, clip_grad_norm_, destroy, init_distributed
@@ -67,6 +69,12 @@ def _dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype
     return getattr(torch, name), torch.float32
 
 
+def _loss_context(tp: int):
+    """Under tensor parallelism the head's logits are DTensors sharded over the vocabulary; the
+    exit loss's cross-entropy on them needs loss_parallel(), around forward AND backward."""
+    return loss_parallel() if tp > 1 else nullcontext()
+
+
 def _write_config(cfg: Config, run_dir: Path) -> None:
     from omegaconf import OmegaConf
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +105,8 @@ def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, 
     sums = torch.zeros(len(layers), dtype=torch.float64)
     for inputs, labels in batches:
         fn = make_exit_loss(labels, {l: 1.0 for l in layers}, chunk_tokens, tp_degree=tp)
-        out = model(inputs, capture=[l for l in layers if l != n_layers - 1], loss_fn=fn)
+        with _loss_context(tp):
+            out = model(inputs, capture=[l for l in layers if l != n_layers - 1], loss_fn=fn)
         sums += torch.tensor([float(out.per_layer[l]) for l in layers], dtype=torch.float64)
     means = all_reduce_mean({str(l): float(s) / len(batches) for l, s in zip(layers, sums)}, dp_group)
     model.train(was_training)
@@ -231,15 +240,17 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                 if fsdp:  # reduce-scatter gradients once per optimizer step
                     model.set_requires_gradient_sync(micro == accum - 1)
                 fn = make_exit_loss(labels, weights, cfg.layerskip.exit.chunk_tokens, tp_degree=dims.tp)
-                out = model(inputs, keep=plan.keep, capture=capture, loss_fn=fn)
-                (out.loss / accum).backward()
+                with _loss_context(dims.tp):
+                    out = model(inputs, keep=plan.keep, capture=capture, loss_fn=fn)
+                    (out.loss / accum).backward()
                 parts = torch.stack([out.loss.detach()] + [out.per_layer[l].detach() for l in weights])
                 totals = parts / accum if totals is None else totals + parts / accum
                 kept = [k + f / accum for k, f in zip(kept, plan.kept_fraction)]
             grad_norm = clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
             host = totals.double().tolist()  # the step's one device->host sync
-            reduced = all_reduce_mean({"total": host[0], **{str(l): v for l, v in zip(weights, host[1:])}},
-                                      dp_group)
+            reduced = all_reduce_mean({"total": host[0], **{str(l): v for l, v in zip(weights, host[1:])},
+                                       **{f"kept/{l}": k for l, k in enumerate(kept)}}, dp_group)
+            kept = [reduced[f"kept/{l}"] for l in range(L)]  # the global batch's, not this rank's
             if not math.isfinite(reduced["total"]) or not math.isfinite(grad_norm):
                 nan_streak += 1
                 optimizer.zero_grad(set_to_none=True)
