@@ -223,6 +223,8 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
 
     train_iter = iter(data.train)
     window_t, window_tokens, window_flops, window_steps = time.perf_counter(), 0, 0.0, 0
+    window_exits: dict[int, list[tuple[float, float]]] = {}  # exit -> [(loss, weight)] since last log
+    window_kept = [0.0] * L  # per-block kept fractions summed since the last log
     accum = cfg.train.grad_accum
     nan_streak = 0
     try:
@@ -272,6 +274,9 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
             window_flops += step_tokens * (block_flops_tok * L * kept_mean
                                            + head_flops_tok * len(weights))
             window_steps += 1
+            window_kept = [a + k for a, k in zip(window_kept, kept)]
+            for l, w in weights.items():  # exits rotate: average each one over the steps it was on
+                window_exits.setdefault(l, []).append((reduced[str(l)], w))
 
             if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
                 if device.type == "cuda":
@@ -283,20 +288,21 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                 values = {"loss/total": reduced["total"], "optim/lr": lr, "optim/grad_norm": grad_norm,
                           "throughput/tokens_per_s": tps, "throughput/mfu_pct": 100 * mfu,
                           "throughput/step_time_s": step_time, "throughput/tokens_seen": state.tokens_seen,
-                          "layerskip/saved_block_compute": 1.0 - kept_mean,
+                          "layerskip/saved_block_compute": 1.0 - sum(window_kept) / (L * window_steps),
                           **memory_stats(device)}
-                for l, w in weights.items():
-                    values[f"loss/layer_{l:02d}"] = reduced[str(l)]
-                    values[f"layerskip/exit_weight/layer_{l:02d}"] = w
+                for l, seen in sorted(window_exits.items()):
+                    values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
+                    values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
                 if cfg.layerskip.dropout.enabled:
                     for l in range(L):
-                        values[f"layerskip/drop_fraction/layer_{l:02d}"] = 1.0 - kept[l]
+                        values[f"layerskip/drop_fraction/layer_{l:02d}"] = 1.0 - window_kept[l] / window_steps
                 eta = (cfg.train.steps - state.step) * step_time
                 metrics.log(state.step, values, console=(
                     f"step {state.step:>6}/{cfg.train.steps} | loss {reduced['total']:.4f} | lr {lr:.2e} | "
                     f"gnorm {grad_norm:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
-                    f"exits {sorted(weights)} | saved {100 * (1 - kept_mean):.1f}% | ETA {eta:.0f}s"))
+                    f"exits {sorted(window_exits)} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
                 window_t, window_tokens, window_flops, window_steps = time.perf_counter(), 0, 0.0, 0
+                window_exits, window_kept = {}, [0.0] * L
 
             last = state.step == cfg.train.steps
             if cfg.eval.every and (state.step % cfg.eval.every == 0 or last) or (last and cfg.eval.every == 0):

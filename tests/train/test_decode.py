@@ -12,34 +12,16 @@ import torch
 
 from train.config import ModelConfig
 from train.inference import CachedLlama, greedy_generate, self_speculative_generate
-from train.model import build_model, init_model
+from tests.train._models import one_thread, random_model  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
 CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=96)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def random_model(cfg: ModelConfig = CFG, seed: int = 0):
-    """Random weights large enough that every block changes the prediction (at torchtitan's init
-    the embeddings dominate and every exit predicts the same tokens: speculation would be trivial)."""
-    model = init_model(build_model(cfg), "cpu", seed).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "tok_embeddings" not in name:
-                p.normal_(0, 1.5 / p.shape[1] ** 0.5)
-    return model
-
-
 @torch.no_grad()
 def test_kv_cache_forward_equals_full_forward_position_by_position():
-    model = random_model()
+    model = random_model(CFG)
     tokens = torch.randint(0, CFG.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     _, hidden = model(tokens, capture=range(CFG.n_layers))
     engine = CachedLlama(model)
@@ -63,7 +45,7 @@ def test_kv_cache_forward_equals_full_forward_position_by_position():
 def test_self_speculative_output_is_identical_to_greedy():
     nontrivial = 0
     for seed in (0, 1):
-        model = random_model(seed=seed)
+        model = random_model(CFG, seed=seed)
         for prompt_len in (1, 7):
             prompt = torch.randint(0, CFG.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
             greedy = greedy_generate(model, prompt, 30)
@@ -111,7 +93,7 @@ def test_decode_cli_end_to_end(tmp_path):
         pad_id=3, minloglevel=2)
     run = tmp_path / "run"
     # No tokenizer conversion (that needs transformers): the CLI itself only reads tokenizer.model.
-    export_hf(random_model().state_dict(), CFG, run / "hf", None, torch.float32, heldout_text=text)
+    export_hf(random_model(CFG).state_dict(), CFG, run / "hf", None, torch.float32, heldout_text=text)
     shutil.copy(tmp_path / "sp.model", run / "hf" / "tokenizer.model")
 
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"

@@ -13,19 +13,11 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from train.config import ConfigError, ModelConfig  # noqa: E402
 from train.hf import (check_hf_config, export_hf, ffn_hidden_dim, hf_config_dict,  # noqa: E402
                       load_hf_state_dict, load_into_model, read_hf_config)
-from train.model import build_model, init_model  # noqa: E402
+from tests.train._models import one_thread, random_model  # noqa: E402,F401
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
 CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops: extra threads only spin (and slow everything down on a shared 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +32,6 @@ def sp_model(tmp_path_factory) -> str:
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, minloglevel=2)
     return str(d / "sp.model")
-
-
-def random_model(cfg: ModelConfig, seed: int = 0):
-    """Random weights large enough that every block changes the prediction."""
-    model = init_model(build_model(cfg), "cpu", seed).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "tok_embeddings" not in name:
-                p.normal_(0, 1.5 / p.shape[1] ** 0.5)
-    return model
 
 
 @pytest.mark.parametrize("rope_scaling", [False, True])
