@@ -152,7 +152,11 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     L = cfg.model.n_layers
     B, S = cfg.data.batch_size, cfg.data.seq_len
 
-    # ---- data
+    # ---- data (continual pretraining from a HF folder uses its tokenizer unless told otherwise)
+    if cfg.model.init_from and cfg.data.tokenizer is None:
+        hf_tokenizer = Path(cfg.model.init_from) / "tokenizer.model"
+        if hf_tokenizer.is_file():
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(hf_tokenizer)))
     data = build_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
                       dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main,
                       barrier=barrier)

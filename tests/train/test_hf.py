@@ -14,6 +14,7 @@ from train.config import ConfigError, ModelConfig  # noqa: E402
 from train.hf import (check_hf_config, export_hf, ffn_hidden_dim, hf_config_dict,  # noqa: E402
                       load_hf_state_dict, load_into_model, read_hf_config)
 from tests.train._models import one_thread, random_model  # noqa: E402,F401
+from train.model import build_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]

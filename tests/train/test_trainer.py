@@ -60,6 +60,22 @@ def test_short_run_learns_and_writes_its_run_directory(corpus, tmp_path):
     assert (run_dir / "checkpoints" / "step-0000040" / "COMPLETE").is_file()  # the final save
 
 
+def test_continual_pretraining_starts_from_an_exported_run(corpus, tmp_path):
+    """export -> model.init_from: the new run starts where the old one ended (same weights, same
+    tokenizer, so the same validation loss at step 0)."""
+    import torch
+
+    from train.export import export_run
+    from train.trainer import run
+    first = run(_config(corpus, tmp_path / "a", "train.steps=10", "eval.every=0"))
+    hf = export_run(first, tmp_path / "hf", dtype=torch.float32)
+    second = run(_config(corpus, tmp_path / "b", f"model.init_from={hf}", "train.steps=1", "eval.every=1"))
+    end_of_first = [r for r in _records(first) if "val/loss" in r][-1]["val/loss"]
+    start_of_second = [r for r in _records(second) if "val/loss" in r][0]
+    assert start_of_second["step"] == 0
+    assert abs(start_of_second["val/loss"] - end_of_first) < 1e-4
+
+
 def test_diverging_run_stops_with_a_clear_error(corpus, tmp_path):
     from train.trainer import NonFiniteLossError, run
     cfg = _config(corpus, tmp_path, "optim.lr=1e30", "optim.warmup_steps=0", "train.steps=10",
