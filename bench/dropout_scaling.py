@@ -7,7 +7,13 @@ of the batch's samples, every step, so the saving is deterministic:
     ideal saving(k) = (dropped share of sample-blocks) x (blocks' share of the step's FLOPs)
     realised saving(k) = 1 - t(keep k) / t(keep all)
 
-    python bench/dropout_scaling.py [--rounds 10] [--out FILE.json]
+With --sampled, the decisions are instead drawn by LayerDropout at p_max 0.1, 0.2 and 0.5 (the
+paper's exp depth shape, a new draw every step), interleaved with steps that keep everything.
+Each round pairs one step of every case with that round's keep-all step, so slow drift of the
+machine cancels; the estimate is mean(realised) / mean(ideal) over the rounds, using each step's
+actual skipped share:
+
+    python bench/dropout_scaling.py [--rounds 10] [--sampled] [--batch 4] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--sampled", action="store_true", help="sampled decisions at p_max 0.1/0.2/0.5")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -54,6 +61,8 @@ def main() -> None:
 
     _, total, per_block = flops_per_token(cfg, model, args.seq)
     block_share = L * per_block / total
+    if args.sampled:
+        return sampled(args, step, B, L, block_share, dev)
     cases = {k: (None if k == B else [torch.arange(k, device=dev)] * L) for k in range(B, 0, -1)}
     for keep in cases.values():  # warm-up
         step(keep)
@@ -78,6 +87,37 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"device": dev.type, "batch": B, "seq": args.seq, "block_flop_share": block_share,
                        "ms": {k: 1000 * v for k, v in t.items()}, "rows": rows}, f, indent=1)
+
+
+def sampled(args, step, B: int, L: int, block_share: float, dev) -> None:
+    from train.config import DropoutConfig
+    from train.layerskip.dropout import LayerDropout
+    droppers = {p: LayerDropout(DropoutConfig(p_max=p), n_layers=L, total_steps=10**6, seed=0)
+                for p in (0.1, 0.2, 0.5)}
+    for p, d in droppers.items():  # warm-up
+        step(d.plan(0, 0, B, dev).keep)
+    pairs = {p: [] for p in droppers}  # (realised, ideal) per round
+    for r in range(args.rounds):
+        base = step(None)
+        for p, d in droppers.items():
+            plan = d.plan(r + 1, 0, B, dev)
+            t = step(plan.keep)
+            pairs[p].append((1 - t / base, plan.saved_fraction * block_share))
+    print(f"{dev.type}; batch {B} x {args.seq}; {args.rounds} paired rounds; blocks' share of FLOPs "
+          f"{100 * block_share:.1f} %")
+    print("| p_max | skipped (mean) | ideal saving | realised saving | realised / ideal |\n|---|---|---|---|---|")
+    rows = []
+    for p, pr in pairs.items():
+        real = statistics.mean(a for a, _ in pr)
+        ideal = statistics.mean(b for _, b in pr)
+        rows.append({"p_max": p, "skipped": ideal / block_share, "ideal_saving": ideal,
+                     "realised_saving": real, "realised_over_ideal": real / ideal, "pairs": pr})
+        print(f"| {p} | {100 * ideal / block_share:.1f} % | {100 * ideal:.1f} % | {100 * real:.1f} % | "
+              f"{100 * real / ideal:.0f} % |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": dev.type, "batch": B, "seq": args.seq, "block_flop_share": block_share,
+                       "mode": "sampled", "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
