@@ -210,7 +210,7 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
         log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.1f TFLOP/s (%s)",
                  cfg.model.name, n_params / 1e6, L, world, dims.dp_world, dims.tp, peak / 1e12, peak_src)
     metrics = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard)
-    val_batches = data.val_batches(cfg.eval.batches)
+    val_batches = [(i.to(device), y.to(device)) for i, y in data.val_batches(cfg.eval.batches)]
     fsdp = isinstance(model, FSDPModule)
 
     def validate(step: int) -> dict[str, float]:
