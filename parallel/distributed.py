@@ -95,16 +95,17 @@ def _norm_of(grads: list[torch.Tensor], foreach: bool | None) -> torch.Tensor:
 @torch.no_grad()
 def clip_grad_norm_(
     params: Iterable[torch.Tensor], max_norm: float, foreach: bool | None = None,
-) -> float:
+) -> torch.Tensor:
     """Clip gradients to a global L2 norm of `max_norm` (<= 0 or inf: measure only) and return the
-    global norm before clipping, the same number on every rank.
+    global norm before clipping as a 0-d tensor, the same value on every rank (reading it is a host
+    sync; the trainer reads it together with the step's losses).
 
     Parameters may be plain tensors (taken as replicated) or DTensors sharded over any mesh
     (FSDP, TP, both). Gradients are grouped by layout, each group's norm is reduced over its
     mesh, and the groups combine as sqrt(sum of squares)."""
     params = [p for p in params if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in params:
         g = p.grad
@@ -114,4 +115,4 @@ def clip_grad_norm_(
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
     if max_norm > 0 and math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
-    return float(total)
+    return total

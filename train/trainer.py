@@ -107,7 +107,7 @@ def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, 
         fn = make_exit_loss(labels, {l: 1.0 for l in layers}, chunk_tokens, tp_degree=tp)
         with _loss_context(tp):
             out = model(inputs, capture=[l for l in layers if l != n_layers - 1], loss_fn=fn)
-        sums += torch.tensor([float(out.per_layer[l]) for l in layers], dtype=torch.float64)
+        sums += torch.tensor(torch.stack([out.per_layer[l] for l in layers]).tolist(), dtype=torch.float64)
     means = all_reduce_mean({str(l): float(s) / len(batches) for l, s in zip(layers, sums)}, dp_group)
     model.train(was_training)
     result = {}
@@ -252,8 +252,10 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                 parts = torch.stack([out.loss.detach()] + [out.per_layer[l].detach() for l in weights])
                 totals = parts / accum if totals is None else totals + parts / accum
                 kept = [k + f / accum for k, f in zip(kept, plan.kept_fraction)]
-            grad_norm = clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
-            host = totals.double().tolist()  # the step's one device->host sync
+            norm = clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
+            # the step's one device->host sync: losses and the gradient norm together
+            host = torch.cat([totals.double(), norm.to(totals.device, torch.float64).reshape(1)]).tolist()
+            grad_norm = host.pop()
             reduced = all_reduce_mean({"total": host[0], **{str(l): v for l, v in zip(weights, host[1:])},
                                        **{f"kept/{l}": k for l, k in enumerate(kept)}}, dp_group)
             kept = [reduced[f"kept/{l}"] for l in range(L)]  # the global batch's, not this rank's

@@ -77,7 +77,7 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
         loss.backward()
     local_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
     mean_loss = all_reduce_mean({"loss": local_loss.item()}, dims.dp_mesh)["loss"]
-    norm = clip_grad_norm_(model.parameters(), max_norm)
+    norm = float(clip_grad_norm_(model.parameters(), max_norm))
     grads = {canonical_name(n): p.grad.full_tensor() for n, p in model.named_parameters()}
     return dict(loss=mean_loss, norm=norm, grads=grads if rank == 0 else None)
 

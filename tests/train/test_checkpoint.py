@@ -139,14 +139,20 @@ def test_incomplete_and_tmp_folders_are_ignored(tmp_path: Path, caplog) -> None:
         _manager(tmp_path, resume="5").load(*_fresh(seed=1))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "drop_file"])
-def test_damaged_checkpoint_falls_back(tmp_path: Path, caplog, damage: str) -> None:
+def _checkpoints_at_2_and_4(tmp_path: Path) -> dict:
+    """Save steps 2 and 4 of a short run; returns the state saved at step 2."""
     model, opt = _trained()
     ck = _manager(tmp_path, keep=3)
     ck.save(2, model, opt, {"s": 2})
     want = _state(model, opt)
     _train_step(model, opt, 1)
     ck.save(4, model, opt, {"s": 4})
+    return want
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "drop_file"])
+def test_damaged_checkpoint_falls_back(tmp_path: Path, caplog, damage: str) -> None:
+    want = _checkpoints_at_2_and_4(tmp_path)
     shard = tmp_path / "step-0000004" / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     if damage == "truncate":
@@ -173,12 +179,7 @@ def test_damaged_checkpoint_falls_back(tmp_path: Path, caplog, damage: str) -> N
 
 
 def test_resume_modes(tmp_path: Path) -> None:
-    model, opt = _trained()
-    ck = _manager(tmp_path, keep=3)
-    ck.save(2, model, opt, {"s": 2})
-    want = _state(model, opt)
-    _train_step(model, opt, 1)
-    ck.save(4, model, opt, {"s": 4})
+    want = _checkpoints_at_2_and_4(tmp_path)
     with pytest.raises(CheckpointError, match="step-0000003 does not exist"):
         _manager(tmp_path, resume="3").load(*_fresh(seed=1))
 
