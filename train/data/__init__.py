@@ -21,7 +21,7 @@ from train.data.loader import Batch, TrainLoader, ValSplit
 from train.data.prepare import (is_prepared, prepare_tokens, read_meta, tokenizer_cache_path,
                                 tokens_cache_dir)
 from train.data.sources import Corpus, DataError, open_corpus
-from train.data.tokenizer import Tokenizer, train_tokenizer
+from train.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = ["Batch", "Data", "DataError", "Tokenizer", "TrainLoader", "build_data"]
 
@@ -54,7 +54,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
         raise ValueError(f"dp_rank {dp_rank} is out of range for dp_world {dp_world}")
     corpus = open_corpus(cfg.source, cfg.text_field)
     cache = Path(cfg.cache_dir)
-    given = Tokenizer(_given_tokenizer(cfg)) if cfg.tokenizer else None
+    given = load_tokenizer(_given_tokenizer(cfg)) if cfg.tokenizer else None
     if given is not None:
         given.check_fits(vocab_size)  # before any expensive work
 
@@ -79,7 +79,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
             path = tokenizer_cache_path(cache, corpus, vocab_size, cfg.max_chars)
             if not path.is_file():
                 raise DataError(f"the trained tokenizer {path} is missing; {hint}")
-            tokenizer = Tokenizer(path)
+            tokenizer = load_tokenizer(path)
         folder = tokens_cache_dir(cache, corpus, tokenizer, cfg.seq_len, cfg.max_chars, cfg.val_fraction)
         if not is_prepared(folder):
             raise DataError(f"prepared data {folder} is missing; {hint}")
@@ -118,6 +118,6 @@ def _trained_tokenizer(cfg: DataConfig, corpus: Corpus, vocab_size: int, cache: 
     path = tokenizer_cache_path(cache, corpus, vocab_size, cfg.max_chars)
     if path.is_file():
         log.info("using cached tokenizer %s", path)
-        return Tokenizer(path)
+        return load_tokenizer(path)
     return train_tokenizer(corpus.documents(cfg.max_chars), vocab_size, path,
                            expected_chars=corpus.expected_chars(cfg.max_chars))

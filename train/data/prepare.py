@@ -55,7 +55,7 @@ def tokenizer_cache_path(cache_dir: Path, corpus: Corpus, vocab_size: int,
 
 def tokens_cache_dir(cache_dir: Path, corpus: Corpus, tokenizer: Tokenizer, seq_len: int,
                      max_chars: int | None, val_fraction: float) -> Path:
-    tok_digest = hashlib.sha256(tokenizer.path.read_bytes()).hexdigest()
+    tok_digest = tokenizer.digest
     key = _digest("tokens", FORMAT_VERSION, corpus.identity(), tok_digest, seq_len, max_chars, val_fraction)
     return Path(cache_dir) / f"tokens-{key}"
 

@@ -10,6 +10,7 @@ corpus size.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -66,9 +67,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once on all cores (sentencepiece's own threads)."""
-        return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+    @property
+    def digest(self) -> str:
+        """sha256 of the tokenizer's file content: what prepared data and checkpoints record to
+        know that two runs map text to the same ids."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts at once (sentencepiece's own threads; default: all cores)."""
+        return self._sp.encode(texts, num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -83,6 +90,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The one way to open a tokenizer file (every caller goes through it, so another backend can
+    be added here without touching them)."""
+    return Tokenizer(path)
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, *,
