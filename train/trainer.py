@@ -1,7 +1,15 @@
 """The training run: config -> build -> parallelize -> loop -> checkpoint.
 
 `run(cfg)` is everything `python -m train` does after Hydra composed the config. Each piece it
-wires lives in its own module; this file only decides the order and the bookkeeping of one step.
+wires lives in its own module; this file only decides the order and the bookkeeping of a step.
+The phases, in the order a run goes through them, each in one place:
+
+    build_run     data, model (meta -> parallelize -> init or import), optimizer, LayerSkip
+                  schedules, checkpoint manager: everything a `Run` holds
+    resume        restore model, optimizer, data position and schedules from the newest checkpoint
+    train_loop    step after step: `train_step` (one optimizer step over grad_accum micro-batches),
+                  `LogWindow` / `log_window` (the metrics line), `validate` (held-out loss of every
+                  exit), `save_if_due` (periodic and final checkpoints)
 """
 from __future__ import annotations
 
@@ -13,11 +21,13 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
+from torch import nn
 
 from parallel.dims import ParallelDims
 from parallel.distributed import all_reduce_mean, barrier, clip_grad_norm_, destroy, init_distributed
@@ -131,28 +141,65 @@ def init_weights(model, cfg: Config, device: torch.device, rank: int) -> None:
         load_full_state_dict(model, full)
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything `build_run` wires together; the loop's phases read (and `state` records) it."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    dims: ParallelDims
+    dp_group: Any
+    run_dir: Path
+    data: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    dropout: LayerDropout
+    curriculum: ExitCurriculum
+    ckpt: CheckpointManager
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    nan_streak: int = 0  # consecutive steps skipped for a non-finite loss (not checkpointed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.model.n_layers
+
+    def extra_state(self) -> dict:
+        """The JSON part of a checkpoint: where the run stands besides the tensors."""
+        return {"train_state": dataclasses.asdict(self.state), "data": self.data.train.state_dict(),
+                "dropout": self.dropout.state_dict(), "curriculum": self.curriculum.state_dict(),
+                "torch_rng": torch.get_rng_state().tolist()}
+
+
 def run(cfg: Config) -> Path:
     rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
     try:
-        return _run(cfg, rank, world, device)
+        r = build_run(cfg, rank, world, device)
+        resume(r)
+        return train_loop(r)
     finally:
         destroy()
 
 
-def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
+# --------------------------------------------------------------------------- build
+
+def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
+    """Mesh, run directory, data, model (meta -> parallelize -> allocate + init or import),
+    optimizer, LayerSkip schedules and the checkpoint manager; nothing is restored yet."""
     is_main = rank == 0
     dims = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp, world_size=world)
     dims.check_model(cfg.model, cfg.data.seq_len)
     mesh = dims.build_mesh(device.type)
-    dp_group = mesh["dp_shard"].get_group()
     run_dir = resolve_run_dir(cfg, rank)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("run directory: %s", run_dir.resolve())
-    L = cfg.model.n_layers
-    B, S = cfg.data.batch_size, cfg.data.seq_len
 
-    # ---- data (continual pretraining from a HF folder uses its tokenizer unless told otherwise)
+    # data (continual pretraining from a HF folder uses its tokenizer unless told otherwise)
     if cfg.model.init_from and cfg.data.tokenizer is None:
         hf_tokenizer = Path(cfg.model.init_from) / "tokenizer.model"
         if hf_tokenizer.is_file():
@@ -160,11 +207,10 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     data = build_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
                       dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main,
                       barrier=barrier)
-
     if is_main:
         _write_run_assets(data, run_dir)
 
-    # ---- model: meta -> parallelize -> allocate + init (or import) on the device
+    # model: meta -> parallelize -> allocate + init (or import) on the device
     param_dtype, reduce_dtype = _dtypes(cfg, device)
     model = build_model(cfg.model)
     parallelize(model, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -176,148 +222,229 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     model.train()
     optimizer = build_optimizer(model, cfg.optim, device)
 
-    # ---- LayerSkip
+    L = cfg.model.n_layers
     dropout = LayerDropout(cfg.layerskip.dropout, n_layers=L, total_steps=cfg.train.steps,
                            seed=cfg.train.seed, dp_rank=dims.dp_rank, dp_degree=dims.dp_world)
     curriculum = ExitCurriculum(cfg.layerskip.exit, n_layers=L, total_steps=cfg.train.steps)
-
-    # ---- state, resume
-    state = TrainState()
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, rank=rank, world=world,
                              model_cfg=cfg.model)
-    resumed = ckpt.load(model, optimizer)
+    return Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims,
+               dp_group=mesh["dp_shard"].get_group(), run_dir=run_dir, data=data, model=model,
+               optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt)
+
+
+# --------------------------------------------------------------------------- resume
+
+def resume(r: Run) -> None:
+    """Restore the newest (or the requested) checkpoint into the run, if there is one; then write
+    the run's config.yaml."""
+    resumed = r.ckpt.load(r.model, r.optimizer)
     if resumed is not None:
-        state = TrainState(**resumed["train_state"])
-        data.train.load_state_dict(resumed["data"])
-        dropout.load_state_dict(resumed["dropout"])
-        curriculum.load_state_dict(resumed["curriculum"])
+        r.state = TrainState(**resumed["train_state"])
+        r.data.train.load_state_dict(resumed["data"])
+        r.dropout.load_state_dict(resumed["dropout"])
+        r.curriculum.load_state_dict(resumed["curriculum"])
         if "torch_rng" in resumed:
             torch.set_rng_state(torch.tensor(resumed["torch_rng"], dtype=torch.uint8))
-        log.info("resumed from step %d (%s)", state.step, ckpt.folder)
-    if is_main:  # only now: a refused resume must not overwrite the config of the run it refused
-        _write_config(cfg, run_dir)
+        log.info("resumed from step %d (%s)", r.state.step, r.ckpt.folder)
+    if r.is_main:  # only now: a refused resume must not overwrite the config of the run it refused
+        _write_config(r.cfg, r.run_dir)
 
-    def extra_state() -> dict:
-        return {"train_state": dataclasses.asdict(state), "data": data.train.state_dict(),
-                "dropout": dropout.state_dict(), "curriculum": curriculum.state_dict(),
-                "torch_rng": torch.get_rng_state().tolist()}
 
-    # ---- accounting for throughput / MFU
-    n_params, flops_tok, block_flops_tok = flops_per_token(cfg.model, model, S)
-    head_flops_tok = 6 * cfg.model.dim * cfg.model.vocab_size
-    peak, peak_src = device_peak_flops(device)
-    if is_main:
-        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.1f TFLOP/s (%s)",
-                 cfg.model.name, n_params / 1e6, L, world, dims.dp_world, dims.tp, peak / 1e12, peak_src)
-    metrics = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard)
-    val_batches = [(i.to(device), y.to(device)) for i, y in data.val_batches(cfg.eval.batches)]
-    fsdp = isinstance(model, FSDPModule)
+# --------------------------------------------------------------------------- one step
 
-    def validate(step: int) -> dict[str, float]:
-        vals = evaluate(model, val_batches, L, cfg.eval.per_layer, cfg.layerskip.exit.chunk_tokens,
-                        dims.tp, dp_group)
-        if is_main:
-            shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
-                             for l in range(L) if f"val/loss/layer_{l:02d}" in vals)
-            metrics.log(step, vals, console=f"step {step:>6} | val loss {vals['val/loss/final']:.4f} | {shown}")
-        return vals
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step, as every rank agrees on it (means over the data-parallel ranks)."""
+    lr: float
+    weights: dict[int, float]  # active exit -> normalised weight (the last layer included)
+    losses: dict[str, float]  # "total" and one entry per active exit (str(layer))
+    grad_norm: float
+    kept: list[float]  # per block: fraction of the global batch's samples that ran it
 
-    if state.step == 0 and cfg.eval.every > 0:
-        validate(0)
 
-    train_iter = iter(data.train)
-    window_t, window_tokens, window_flops, window_steps = time.perf_counter(), 0, 0.0, 0
-    window_exits: dict[int, list[tuple[float, float]]] = {}  # exit -> [(loss, weight)] since last log
-    window_kept = [0.0] * L  # per-block kept fractions summed since the last log
+def train_step(r: Run, batches: Iterator) -> StepResult:
+    """Forward + backward over grad_accum micro-batches, clip, reduce the metrics over the
+    data-parallel ranks, optimizer step (skipped for a non-finite loss), state.step += 1."""
+    cfg, L, step = r.cfg, r.n_layers, r.state.step
     accum = cfg.train.grad_accum
-    nan_streak = 0
+    fsdp = isinstance(r.model, FSDPModule)
+    set_lr(r.optimizer, lr := lr_at(step, cfg.train.steps, cfg.optim))
+    weights = r.curriculum.weights(step)  # active exits -> normalised weight (incl. L-1)
+    capture = [l for l in weights if l != L - 1]
+    totals = None  # [total, per exit...] summed over micro-batches, on the device
+    kept = [0.0] * L
+    for micro in range(accum):
+        inputs, labels = next(batches)
+        inputs, labels = inputs.to(r.device, non_blocking=True), labels.to(r.device, non_blocking=True)
+        plan = r.dropout.plan(step, micro, batch_size=inputs.shape[0], device=r.device)
+        if fsdp:  # reduce-scatter gradients once per optimizer step
+            r.model.set_requires_gradient_sync(micro == accum - 1)
+        fn = make_exit_loss(labels, weights, cfg.layerskip.exit.chunk_tokens, tp_degree=r.dims.tp)
+        with _loss_context(r.dims.tp):
+            out = r.model(inputs, keep=plan.keep, capture=capture, loss_fn=fn)
+            (out.loss / accum).backward()
+        parts = torch.stack([out.loss.detach()] + [out.per_layer[l].detach() for l in weights])
+        totals = parts / accum if totals is None else totals + parts / accum
+        kept = [k + f / accum for k, f in zip(kept, plan.kept_fraction)]
+    norm = clip_grad_norm_(list(r.model.parameters()), cfg.optim.grad_clip)
+    # the step's one device->host sync: losses and the gradient norm together
+    host = torch.cat([totals.double(), norm.to(totals.device, torch.float64).reshape(1)]).tolist()
+    grad_norm = host.pop()
+    reduced = all_reduce_mean({"total": host[0], **{str(l): v for l, v in zip(weights, host[1:])},
+                               **{f"kept/{l}": k for l, k in enumerate(kept)}}, r.dp_group)
+    kept = [reduced.pop(f"kept/{l}") for l in range(L)]  # the global batch's, not this rank's
+    _optimizer_step(r, reduced["total"], grad_norm, step)
+    r.state.step += 1
+    r.state.tokens_seen += cfg.data.batch_size * cfg.data.seq_len * accum * r.dims.dp_world
+    return StepResult(lr=lr, weights=weights, losses=reduced, grad_norm=grad_norm, kept=kept)
+
+
+def _optimizer_step(r: Run, loss: float, grad_norm: float, step: int) -> None:
+    """Apply the gradients, or skip a step whose loss or gradient is not finite (at most
+    train.max_nan_steps in a row; then stop with NonFiniteLossError)."""
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        r.nan_streak += 1
+        r.optimizer.zero_grad(set_to_none=True)
+        if r.nan_streak > r.cfg.train.max_nan_steps:
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
+                f"{step}; stopping. Lower optim.lr, check the data, or raise train.max_nan_steps "
+                f"to skip such steps.")
+        log.warning("non-finite loss at step %d; step skipped", step)
+    else:
+        r.nan_streak = 0
+        r.optimizer.step()
+        r.optimizer.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------- logging window
+
+@dataclasses.dataclass
+class Throughput:
+    """FLOPs per token of one block and of one exit head (forward + backward), and the peak the
+    MFU is measured against."""
+    block_flops_tok: float
+    head_flops_tok: float
+    peak: float
+
+
+class LogWindow:
+    """The steps since the last metrics line: the line reports their averages (exits rotate, so
+    each exit is averaged over the steps it was on)."""
+
+    def __init__(self, n_layers: int):
+        self.started = time.perf_counter()
+        self.tokens, self.flops, self.steps = 0, 0.0, 0
+        self.exits: dict[int, list[tuple[float, float]]] = {}  # exit -> [(loss, weight)]
+        self.kept = [0.0] * n_layers  # per-block kept fractions summed over the steps
+
+    def add(self, result: StepResult, tokens: int, tp: Throughput) -> None:
+        kept_mean = sum(result.kept) / len(result.kept)
+        self.tokens += tokens
+        self.flops += tokens * (tp.block_flops_tok * len(result.kept) * kept_mean
+                                + tp.head_flops_tok * len(result.weights))
+        self.steps += 1
+        self.kept = [a + k for a, k in zip(self.kept, result.kept)]
+        for l, w in result.weights.items():
+            self.exits.setdefault(l, []).append((result.losses[str(l)], w))
+
+
+def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
+               metrics: MetricsLogger) -> None:
+    """Write the metrics line for the window ending with step `last` (state.step)."""
+    cfg, L, step = r.cfg, r.n_layers, r.state.step
+    if r.device.type == "cuda":
+        torch.cuda.synchronize(r.device)
+    dt = time.perf_counter() - window.started
+    tps = window.tokens / dt
+    mfu = window.flops / dt / r.world / tp.peak
+    step_time = dt / window.steps
+    values = {"loss/total": last.losses["total"], "optim/lr": last.lr, "optim/grad_norm": last.grad_norm,
+              "throughput/tokens_per_s": tps, "throughput/mfu_pct": 100 * mfu,
+              "throughput/step_time_s": step_time, "throughput/tokens_seen": r.state.tokens_seen,
+              "layerskip/saved_block_compute": 1.0 - sum(window.kept) / (L * window.steps),
+              **memory_stats(r.device)}
+    for l, seen in sorted(window.exits.items()):
+        values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
+        values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
+    if cfg.layerskip.dropout.enabled:
+        for l in range(L):
+            values[f"layerskip/drop_fraction/layer_{l:02d}"] = 1.0 - window.kept[l] / window.steps
+    eta = (cfg.train.steps - step) * step_time
+    metrics.log(step, values, console=(
+        f"step {step:>6}/{cfg.train.steps} | loss {last.losses['total']:.4f} | lr {last.lr:.2e} | "
+        f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+        f"exits {sorted(window.exits)} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate(r: Run, val_batches: list, metrics: MetricsLogger) -> dict[str, float]:
+    """Held-out loss of every exit (or the last layer only), logged at the current step."""
+    vals = evaluate(r.model, val_batches, r.n_layers, r.cfg.eval.per_layer,
+                    r.cfg.layerskip.exit.chunk_tokens, r.dims.tp, r.dp_group)
+    if r.is_main:
+        shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
+                         for l in range(r.n_layers) if f"val/loss/layer_{l:02d}" in vals)
+        metrics.log(r.state.step, vals,
+                    console=f"step {r.state.step:>6} | val loss {vals['val/loss/final']:.4f} | {shown}")
+    return vals
+
+
+def validation_due(cfg: Config, step: int, last: bool) -> bool:
+    every = cfg.eval.every
+    return bool(every and (step % every == 0 or last) or (last and every == 0))
+
+
+# --------------------------------------------------------------------------- save
+
+def save_if_due(r: Run, last: bool) -> None:
+    """Periodic checkpoints (checkpoint.interval) and the final one (checkpoint.save_final)."""
+    if r.ckpt.should_save(r.state.step, last):
+        r.ckpt.save(r.state.step, r.model, r.optimizer, r.extra_state())
+
+
+# --------------------------------------------------------------------------- the loop
+
+def throughput_model(r: Run) -> Throughput:
+    n_params, _, block_flops_tok = flops_per_token(r.cfg.model, r.model, r.cfg.data.seq_len)
+    peak, peak_src = device_peak_flops(r.device)
+    if r.is_main:
+        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.1f TFLOP/s (%s)",
+                 r.cfg.model.name, n_params / 1e6, r.n_layers, r.world, r.dims.dp_world, r.dims.tp,
+                 peak / 1e12, peak_src)
+    return Throughput(block_flops_tok=block_flops_tok,
+                      head_flops_tok=6 * r.cfg.model.dim * r.cfg.model.vocab_size, peak=peak)
+
+
+def train_loop(r: Run) -> Path:
+    """Steps until train.steps: one step, then (when due) the metrics line, validation and a
+    checkpoint. Returns the run directory."""
+    cfg = r.cfg
+    tp = throughput_model(r)
+    metrics = MetricsLogger(r.run_dir, enabled=r.is_main, tensorboard=cfg.logging.tensorboard)
+    val_batches = [(i.to(r.device), y.to(r.device)) for i, y in r.data.val_batches(cfg.eval.batches)]
+    step_tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * r.dims.dp_world
     try:
-        while state.step < cfg.train.steps:
-            step = state.step
-            set_lr(optimizer, lr := lr_at(step, cfg.train.steps, cfg.optim))
-            weights = curriculum.weights(step)  # active exits -> normalised weight (incl. L-1)
-            capture = [l for l in weights if l != L - 1]
-            totals = None  # [total, per exit...] summed over micro-batches, on the device
-            kept = [0.0] * L
-            for micro in range(accum):
-                inputs, labels = next(train_iter)
-                inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                plan = dropout.plan(step, micro, batch_size=inputs.shape[0], device=device)
-                if fsdp:  # reduce-scatter gradients once per optimizer step
-                    model.set_requires_gradient_sync(micro == accum - 1)
-                fn = make_exit_loss(labels, weights, cfg.layerskip.exit.chunk_tokens, tp_degree=dims.tp)
-                with _loss_context(dims.tp):
-                    out = model(inputs, keep=plan.keep, capture=capture, loss_fn=fn)
-                    (out.loss / accum).backward()
-                parts = torch.stack([out.loss.detach()] + [out.per_layer[l].detach() for l in weights])
-                totals = parts / accum if totals is None else totals + parts / accum
-                kept = [k + f / accum for k, f in zip(kept, plan.kept_fraction)]
-            norm = clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
-            # the step's one device->host sync: losses and the gradient norm together
-            host = torch.cat([totals.double(), norm.to(totals.device, torch.float64).reshape(1)]).tolist()
-            grad_norm = host.pop()
-            reduced = all_reduce_mean({"total": host[0], **{str(l): v for l, v in zip(weights, host[1:])},
-                                       **{f"kept/{l}": k for l, k in enumerate(kept)}}, dp_group)
-            kept = [reduced[f"kept/{l}"] for l in range(L)]  # the global batch's, not this rank's
-            if not math.isfinite(reduced["total"]) or not math.isfinite(grad_norm):
-                nan_streak += 1
-                optimizer.zero_grad(set_to_none=True)
-                if nan_streak > cfg.train.max_nan_steps:
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({reduced['total']}) or gradient norm ({grad_norm}) at step "
-                        f"{step}; stopping. Lower optim.lr, check the data, or raise train.max_nan_steps "
-                        f"to skip such steps.")
-                log.warning("non-finite loss at step %d; step skipped", step)
-            else:
-                nan_streak = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            step_tokens = B * S * accum * dims.dp_world
-            state.tokens_seen += step_tokens
-            kept_mean = sum(kept) / L
-            window_tokens += step_tokens
-            window_flops += step_tokens * (block_flops_tok * L * kept_mean
-                                           + head_flops_tok * len(weights))
-            window_steps += 1
-            window_kept = [a + k for a, k in zip(window_kept, kept)]
-            for l, w in weights.items():  # exits rotate: average each one over the steps it was on
-                window_exits.setdefault(l, []).append((reduced[str(l)], w))
-
-            if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - window_t
-                tps = window_tokens / dt
-                mfu = window_flops / dt / world / peak
-                step_time = dt / window_steps
-                values = {"loss/total": reduced["total"], "optim/lr": lr, "optim/grad_norm": grad_norm,
-                          "throughput/tokens_per_s": tps, "throughput/mfu_pct": 100 * mfu,
-                          "throughput/step_time_s": step_time, "throughput/tokens_seen": state.tokens_seen,
-                          "layerskip/saved_block_compute": 1.0 - sum(window_kept) / (L * window_steps),
-                          **memory_stats(device)}
-                for l, seen in sorted(window_exits.items()):
-                    values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
-                    values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
-                if cfg.layerskip.dropout.enabled:
-                    for l in range(L):
-                        values[f"layerskip/drop_fraction/layer_{l:02d}"] = 1.0 - window_kept[l] / window_steps
-                eta = (cfg.train.steps - state.step) * step_time
-                metrics.log(state.step, values, console=(
-                    f"step {state.step:>6}/{cfg.train.steps} | loss {reduced['total']:.4f} | lr {lr:.2e} | "
-                    f"gnorm {grad_norm:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
-                    f"exits {sorted(window_exits)} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
-                window_t, window_tokens, window_flops, window_steps = time.perf_counter(), 0, 0.0, 0
-                window_exits, window_kept = {}, [0.0] * L
-
-            last = state.step == cfg.train.steps
-            if cfg.eval.every and (state.step % cfg.eval.every == 0 or last) or (last and cfg.eval.every == 0):
-                validate(state.step)
-            if ckpt.should_save(state.step, last):
-                ckpt.save(state.step, model, optimizer, extra_state())
-        ckpt.wait()  # collective: only on the success path (a failing rank must not block the others)
+        if r.state.step == 0 and cfg.eval.every > 0:
+            validate(r, val_batches, metrics)
+        batches = iter(r.data.train)
+        window = LogWindow(r.n_layers)
+        while r.state.step < cfg.train.steps:
+            result = train_step(r, batches)
+            window.add(result, step_tokens, tp)
+            step, last = r.state.step, r.state.step == cfg.train.steps
+            if step % cfg.logging.every == 0 or last:
+                log_window(r, window, result, tp, metrics)
+                window = LogWindow(r.n_layers)
+            if validation_due(cfg, step, last):
+                validate(r, val_batches, metrics)
+            save_if_due(r, last)
+        r.ckpt.wait()  # collective: only on the success path (a failing rank must not block the others)
     finally:
         metrics.close()
-    if is_main:
-        log.info("done: %d steps, %d tokens; run directory %s", state.step, state.tokens_seen, run_dir.resolve())
-    return run_dir
+    if r.is_main:
+        log.info("done: %d steps, %d tokens; run directory %s", r.state.step, r.state.tokens_seen,
+                 r.run_dir.resolve())
+    return r.run_dir
