@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from train.config import ConfigError, ModelConfig  # noqa: E402
+from train.config import ConfigError, ModelConfig, RopeScalingConfig  # noqa: E402
 from train.hf import (check_hf_config, export_hf, ffn_hidden_dim, hf_config_dict,  # noqa: E402
                       load_hf_state_dict, load_into_model, read_hf_config)
 from tests.train._models import one_thread, random_model  # noqa: E402,F401
@@ -35,7 +35,7 @@ def sp_model(tmp_path_factory) -> str:
     return str(d / "sp.model")
 
 
-@pytest.mark.parametrize("rope_scaling", [False, True])
+@pytest.mark.parametrize("rope_scaling", [None, RopeScalingConfig()])  # Llama 2, Llama 3.1
 def test_export_runs_in_transformers_with_equal_logits_and_exits(tmp_path, sp_model, rope_scaling):
     transformers = pytest.importorskip("transformers")
     cfg = ModelConfig(**{**CFG.__dict__, "rope_scaling": rope_scaling,
