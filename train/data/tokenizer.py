@@ -192,11 +192,11 @@ def check_special_ids(tok: Tokenizer, hf_dir: Path) -> None:
     if not config.is_file():
         return  # not a checkpoint folder: the import itself reports that
     c = json.loads(config.read_text())
-    for key, ours in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
+    for name, key, ours in (("BOS", "bos_token_id", tok.bos_id), ("EOS", "eos_token_id", tok.eos_id)):
         theirs = c.get(key)
         if theirs is not None and ours not in (theirs if isinstance(theirs, list) else [theirs]):
             raise ConfigError(
-                f"tokenizer {tok.path} has {key.removesuffix('_id')} id {ours} but the imported "
+                f"tokenizer {tok.path} has {name} id {ours} but the imported "
                 f"model.init_from={hf_dir} has {key}={theirs} in config.json: the ids would mean "
                 f"other tokens. Use the checkpoint's own tokenizer (data.tokenizer=null)")
 
