@@ -56,6 +56,8 @@ def test_special_tokens_come_from_the_config_files_and_change_the_digest(hf_tok,
     folder = tmp_path / "t"
     copy_tokenizer(load_tokenizer(hf_tok), folder)
     before = load_tokenizer(folder).digest
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS, "chat_template": "x"}))
+    assert load_tokenizer(folder).digest == before  # same ids, same prepared data
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": EOS}, "eos_token": EOS}))
     tok = load_tokenizer(folder)
     assert (tok.bos_id, tok.eos_id) == (401, 401) and tok.digest != before  # other packed ids

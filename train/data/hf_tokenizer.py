@@ -3,7 +3,8 @@
 
 The file alone does not say which tokens are BOS and EOS: as in `transformers`, they are named by
 `tokenizer_config.json` (or `special_tokens_map.json`) next to it. Those files therefore belong to
-the tokenizer's identity: its digest covers them, and they travel with it (run directory, export).
+the tokenizer: its digest covers the ids they choose, and they travel with it (run directory,
+export).
 Encoding adds no special tokens (packing puts BOS/EOS around each document), exactly like
 `AutoTokenizer.encode(text, add_special_tokens=False)`.
 """
@@ -77,13 +78,11 @@ class HFTokenizer(Tokenizer):
 
     @property
     def digest(self) -> str:
-        """sha256 over tokenizer.json and the config files that choose BOS/EOS (names and content):
-        equal digests mean equal token ids, including the ones packing adds."""
-        h = hashlib.sha256()
-        for f in self.files:
-            data = f.read_bytes()
-            h.update(f"{f.name}\0{len(data)}\0".encode())
-            h.update(data)
+        """sha256 of tokenizer.json's content and of the BOS/EOS ids the config files chose (the
+        ids packing adds): equal digests mean equal token ids. Other config entries (a chat
+        template, say) do not change ids and so do not change the digest."""
+        h = hashlib.sha256(self.path.read_bytes())
+        h.update(f"\0bos={self.bos_id}\0eos={self.eos_id}".encode())
         return h.hexdigest()
 
     def encode(self, text: str) -> list[int]:

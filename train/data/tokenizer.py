@@ -15,6 +15,7 @@ model was imported: an imported model's ids mean its own tokenizer's tokens.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -41,7 +42,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 _PIECE_CHARS = 16_384
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """What the data pipeline, training, export and decoding use of a tokenizer, whichever backend:
     `path` (the file opened), `files` (every file that defines it), `digest`, `vocab_size`,
     `bos_id`, `eos_id`, `encode` (adds no BOS/EOS: packing adds them around each document),
@@ -57,19 +58,19 @@ class Tokenizer:
         return [self.path]
 
     @property
+    @abc.abstractmethod
     def digest(self) -> str:
         """sha256 of what maps text to ids: what prepared data and checkpoints record to know that
         two runs map text to the same ids."""
-        raise NotImplementedError
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]: ...
 
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
 
     def check_fits(self, model_vocab_size: int) -> None:
         """Every token id must index the model's embedding."""
