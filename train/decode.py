@@ -5,7 +5,8 @@
 
 --model is a Hugging Face export (config.json + safetensors + the run's tokenizer: tokenizer.model
 or tokenizer.json) or a run directory holding one at RUN_DIR/hf/ (`python -m train.export --run
-RUN_DIR --out RUN_DIR/hf` writes it; training runs export there when they finish). The held-out text is --text, else HF_DIR/heldout.txt.
+RUN_DIR --out RUN_DIR/hf` writes it; training runs export there when they finish). The held-out
+text is --text, else HF_DIR/heldout.txt.
 
 Reports (table on stdout, --json, --plot):
 1. Perplexity of every exit E = 1..L (E blocks, then the shared norm + head) on the held-out text

@@ -4,8 +4,7 @@
 The file alone does not say which tokens are BOS and EOS: as in `transformers`, they are named by
 `tokenizer_config.json` (or `special_tokens_map.json`) next to it. Those files therefore belong to
 the tokenizer: its digest covers the ids they choose, and they travel with it (run directory,
-export).
-Encoding adds no special tokens (packing puts BOS/EOS around each document), exactly like
+export). Encoding adds no special tokens (packing puts BOS/EOS around each document), exactly like
 `AutoTokenizer.encode(text, add_special_tokens=False)`.
 """
 from __future__ import annotations
@@ -15,6 +14,8 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from tokenizers import Tokenizer as _Tokenizers
 
 from train.data.sources import DataError
 from train.data.tokenizer import Tokenizer
@@ -34,10 +35,6 @@ class HFTokenizer(Tokenizer):
     """A `tokenizer.json`. `path` is that file; its BOS/EOS come from the config files beside it."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        try:
-            from tokenizers import Tokenizer as _Tokenizers
-        except ImportError as e:  # a core dependency; only a broken install lacks it
-            raise ImportError("the `tokenizers` package is needed for tokenizer.json files") from e
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"tokenizer {self.path} does not exist")
