@@ -241,3 +241,40 @@ def test_continual_llama3_from_the_command_line(tmp_path, llama3_dir):
     report = decode(["--model", str(out), "--exits", "2", "--draft", "2", "--prompts", "1", "--prompt-tokens",
                      "8", "--max-new-tokens", "4", "--max-tokens", "64", "--seq-len", "16", "--device", "cpu"])
     assert report["text_tokens"] == len(source.encode(heldout))
+
+
+# The published config.json of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B (the keys we read).
+_LLAMA3_CONFIGS = {
+    "llama3_2_1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                    "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "max_position_embeddings": 131072, "tie_word_embeddings": True},
+    "llama3_8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                  "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": None,
+                  "max_position_embeddings": 8192, "tie_word_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(_LLAMA3_CONFIGS))
+def test_llama3_presets_match_the_published_configs_and_model_hf_reads_the_same(tmp_path, preset):
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    from train.config import load_config, register_schemas
+    from train.hf import resolve_model_shape
+    register_schemas()
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+        **_LLAMA3_CONFIGS[preset]}))
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "recipes")):
+        named = load_config(compose("train", overrides=[f"model={preset}"])).model
+        from_hf = load_config(compose("train", overrides=["model=hf", f"model.init_from={tmp_path}"]))
+    check_hf_config(named, tmp_path)  # the preset is the checkpoint's shape, RoPE scaling included
+    resolved = resolve_model_shape(from_hf).model
+    assert resolved.ffn_hidden_dim == named.ffn_hidden_dim  # (as another multiple_of/multiplier pair)
+    same = dict(name=preset, init_from=None, multiple_of=named.multiple_of, ffn_dim_multiplier=named.ffn_dim_multiplier)
+    assert dataclasses.replace(resolved, **same) == named
