@@ -35,6 +35,9 @@ def main(cfg: DictConfig) -> None:
     _setup_logging()
     try:
         config = load_config(cfg)
+        if config.model.unset_shape_keys:  # model=hf: the shape is model.init_from's config.json
+            from train.hf import resolve_model_shape
+            config = resolve_model_shape(config)
         # The layout needs only the world size: check it before the heavy imports.
         from parallel.dims import ParallelDims
         world = int(os.environ.get("WORLD_SIZE", "1"))

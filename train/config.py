@@ -32,20 +32,50 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3.1/3.2 long-context RoPE frequency scaling (Hugging Face `rope_type: llama3`,
+    torchtitan's RoPEScalingArgs): Llama 3.1 uses factor 8, Llama 3.2 factor 32; both low/high
+    frequency factors 1 and 4 and an original context of 8192."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192  # HF: original_max_position_embeddings
+
+    def validate(self) -> None:
+        if self.factor < 1.0:
+            raise ConfigError(f"model.rope_scaling.factor must be >= 1, got {self.factor}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                              f"{self.low_freq_factor} and {self.high_freq_factor}")
+        if self.original_max_seq_len <= 0:
+            raise ConfigError(f"model.rope_scaling.original_max_seq_len must be positive, got "
+                              f"{self.original_max_seq_len}")
+
+
+# Keys that `model=hf` leaves unset (null) and train.hf.resolve_model_shape fills from
+# model.init_from's config.json. n_kv_heads, ffn_dim_multiplier and rope_scaling are also null in
+# that preset, but null is a valid value for them, so these decide whether the shape is unresolved.
+REQUIRED_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps",
+                       "rope_theta", "max_seq_len")
+
+
+@dataclass
 class ModelConfig:
-    """Llama shape. `name` is the preset file in recipes/model/ the values came from."""
+    """Llama shape. `name` is the preset file in recipes/model/ the values came from. With
+    `model=hf` the shape keys are null until train.hf.resolve_model_shape reads them from
+    model.init_from's config.json (once, at the entry point)."""
     name: str = "tiny"
-    dim: int = 256
-    n_layers: int = 8
-    n_heads: int = 8
+    dim: int | None = 256
+    n_layers: int | None = 8
+    n_heads: int | None = 8
     n_kv_heads: int | None = 4
-    vocab_size: int = 8192
-    multiple_of: int = 64
+    vocab_size: int | None = 8192
+    multiple_of: int | None = 64
     ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: bool = False  # Llama 3.1+ long-context frequency scaling
-    max_seq_len: int = 2048
+    norm_eps: float | None = 1e-5
+    rope_theta: float | None = 10000.0
+    rope_scaling: RopeScalingConfig | None = None  # Llama 3.1+ long-context frequency scaling
+    max_seq_len: int | None = 2048
     init_from: str | None = None  # Hugging Face Llama folder for continual pretraining
 
     @property
@@ -53,7 +83,19 @@ class ModelConfig:
         """SwiGLU width exactly as torchtitan's FeedForward derives it (hidden_dim = 4 * dim)."""
         return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
+    @property
+    def unset_shape_keys(self) -> list[str]:
+        """The required shape keys still null (model=hf before its shape is read)."""
+        return [k for k in REQUIRED_SHAPE_KEYS if getattr(self, k) is None]
+
     def validate(self) -> None:
+        unset = self.unset_shape_keys
+        if unset:
+            if self.init_from is None:
+                raise ConfigError(
+                    f"model.{unset[0]} is not set: model=hf takes the whole shape from a Hugging Face "
+                    f"checkpoint, so set model.init_from=HF_DIR (or choose a preset, e.g. model=llama3_8b)")
+            return  # checked once the shape has been read from model.init_from
         for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"model.{k} must be positive, got {getattr(self, k)}")
@@ -64,6 +106,8 @@ class ModelConfig:
         kv = self.n_kv_heads or self.n_heads
         if kv <= 0 or self.n_heads % kv:
             raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({kv})")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
 
 
 @dataclass
@@ -71,7 +115,9 @@ class DataConfig:
     """Where text comes from, how it is tokenized and batched (per data-parallel rank)."""
     source: str = "stdlib"  # "stdlib" (embedded default) or a path to .txt/.jsonl/.parquet files or folders
     text_field: str = "text"  # field holding the text in .jsonl / .parquet
-    tokenizer: str | None = None  # existing sentencepiece .model; None trains one on the corpus
+    # existing tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, or a folder holding
+    # one; None: model.init_from's tokenizer, else one is trained on the corpus
+    tokenizer: str | None = None
     cache_dir: str = ".cache/data"  # prepared tokens and trained tokenizers are cached here
     max_chars: int | None = 20_000_000  # cap on corpus characters read (None: all)
     seq_len: int = 256
@@ -312,13 +358,15 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.optim.validate()
-        self.layerskip.dropout.validate(self.model.n_layers)
-        self.layerskip.exit.validate(self.model.n_layers)
         self.parallel.validate()
         self.checkpoint.validate()
         self.logging.validate()
         self.eval.validate()
         self.train.validate()
+        if self.model.unset_shape_keys:  # model=hf: checked again once the shape is read
+            return
+        self.layerskip.dropout.validate(self.model.n_layers)
+        self.layerskip.exit.validate(self.model.n_layers)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) is longer than the model's context "

@@ -3,9 +3,10 @@
     python -m train.decode --model RUN_DIR|HF_DIR [--text FILE] [--json FILE] [--plot FILE.png]
         [--exits 2,4,6] [--draft 2,4,8] [--max-new-tokens 64] [--prompts N] [--max-tokens N]
 
---model is a Hugging Face export (config.json + safetensors + tokenizer.model) or a run directory
-holding one at RUN_DIR/hf/ (`python -m train.export --run RUN_DIR --out RUN_DIR/hf` writes it;
-training runs export there when they finish). The held-out text is --text, else HF_DIR/heldout.txt.
+--model is a Hugging Face export (config.json + safetensors + the run's tokenizer: tokenizer.model
+or tokenizer.json) or a run directory holding one at RUN_DIR/hf/ (`python -m train.export --run
+RUN_DIR --out RUN_DIR/hf` writes it; training runs export there when they finish). The held-out
+text is --text, else HF_DIR/heldout.txt.
 
 Reports (table on stdout, --json, --plot):
 1. Perplexity of every exit E = 1..L (E blocks, then the shared norm + head) on the held-out text
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from train.data.sources import DataError
+from train.data.tokenizer import load_tokenizer
 from train.hf import load_hf_model
 from train.inference import greedy_generate, self_speculative_generate
 from train.model import LayerSkipLlama
@@ -137,11 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     text_path = Path(args.text) if args.text else hf_dir / "heldout.txt"
     if not text_path.is_file():
         raise SystemExit(f"no held-out text: {text_path} does not exist; pass --text FILE")
-    tok_path = hf_dir / "tokenizer.model"
-    if not tok_path.is_file():
-        raise SystemExit(f"{hf_dir} has no tokenizer.model (sentencepiece) to tokenize the text with")
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    try:  # the tokenizer the run trained with, whichever kind (export writes it)
+        tok = load_tokenizer(hf_dir)
+    except DataError as e:
+        raise SystemExit(f"{hf_dir}: no tokenizer to tokenize the text with: {e}") from None
     model, cfg = load_hf_model(hf_dir, args.device, getattr(torch, args.dtype))
     L = cfg.n_layers
     exits = _ints(args.exits, "--exits") if args.exits else sorted({max(1, L * k // 4) for k in (1, 2, 3)} - {L})
@@ -149,15 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [e for e in exits if not 1 <= e < L] + [d for d in drafts if d < 1]
     if bad or not exits or not drafts:
         raise SystemExit(f"--exits must be in [1, {L - 1}] and --draft >= 1 (got {exits}, {drafts})")
-    ids = sp.encode(text_path.read_text(encoding="utf-8"))
-    eos = None if args.ignore_eos or sp.eos_id() < 0 else sp.eos_id()
+    ids = tok.encode(text_path.read_text(encoding="utf-8"))
+    eos = None if args.ignore_eos else tok.eos_id
     report: dict = {"model": str(hf_dir), "n_layers": L, "device": args.device, "dtype": args.dtype,
                     "text": str(text_path), "text_tokens": len(ids)}
 
     if args.max_tokens > 0:
         seq_len = min(args.seq_len, cfg.max_seq_len)
-        bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
-        ppl = report["perplexity"] = exit_perplexities(model, bos + ids, seq_len, args.max_tokens)
+        ppl = report["perplexity"] = exit_perplexities(model, [tok.bos_id] + ids, seq_len, args.max_tokens)
         rows = ppl["layers"]
         print(f"\nEarly-exit perplexity on {text_path} ({ppl['tokens']} tokens, windows of {seq_len})")
         print(f"{'exit E':>6} {'block':>5} {'loss':>8} {'perplexity':>12}")

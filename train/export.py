@@ -5,8 +5,8 @@
 Reads RUN_DIR/config.yaml (the resolved config the trainer wrote), verifies the chosen checkpoint
 against its manifest (the newest intact one, or exactly step N), loads only the model part of it
 with torch.distributed.checkpoint in this single CPU process -- whatever data-/tensor-parallel
-layout saved it -- and writes the folder with `train.hf.export_hf`, including RUN_DIR/
-tokenizer.model when the run has one.
+layout saved it -- and writes the folder with `train.hf.export_hf`, including the tokenizer the
+run trained with (RUN_DIR/tokenizer.model, or RUN_DIR/tokenizer.json with its config files).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from train.checkpoint import check_compatible, read_meta, select_checkpoint, verify_files
 from train.config import Config, load_config
+from train.data.tokenizer import find_tokenizer_file
 from train.model import build_model
 
 log = logging.getLogger("train.export")
@@ -60,10 +61,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     if checkpoint is None:
         raise FileNotFoundError(f"no complete checkpoint in {root}")
     state_dict = load_model_weights(checkpoint, cfg)
-    tokenizer = run_dir / "tokenizer.model"
-    if not tokenizer.is_file():
-        log.warning("%s not found: exporting without a tokenizer", tokenizer)
-    tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
+    tokenizer_path = find_tokenizer_file(run_dir)  # the run's tokenizer.model or tokenizer.json
+    if tokenizer_path is None:
+        log.warning("%s holds no tokenizer.model or tokenizer.json: exporting without a tokenizer", run_dir)
     heldout = run_dir / "heldout.txt"  # written by the trainer: decode's default evaluation text
     heldout_text = heldout.read_text(encoding="utf-8") if heldout.is_file() else None
     out = export_hf(state_dict, cfg.model, out_dir, tokenizer_path, dtype, heldout_text=heldout_text)

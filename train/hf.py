@@ -1,8 +1,10 @@
 """Hugging Face interchange: our Llama <-> a standard `LlamaForCausalLM` folder.
 
 A folder holds config.json, model.safetensors (or shards + model.safetensors.index.json),
-generation_config.json and the sentencepiece tokenizer (tokenizer.model, plus tokenizer.json and
-tokenizer_config.json for `transformers.AutoTokenizer`). Names and the q/k row permutation (our
+generation_config.json and the run's tokenizer in a form `transformers.AutoTokenizer` loads: a
+sentencepiece tokenizer.model plus the tokenizer.json and tokenizer_config.json converted from it,
+or a Hugging Face tokenizer.json (Llama 3) with its config files. `resolve_model_shape` gives
+`model=hf` its shape from the folder's config.json. Names and the q/k row permutation (our
 interleaved RoPE vs HF's rotate-half) are torchtitan's `Llama3StateDictAdapter`; the rest is here:
 the config, sharded safetensors, atomic writes, and loading one tensor at a time into a possibly
 sharded (DTensor) model, so an import never materialises the whole model on one rank.
@@ -11,7 +13,9 @@ safetensors and transformers are the optional `hf` extra and are imported only w
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,14 +25,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from train.config import ConfigError, ModelConfig, ffn_hidden_dim
+from train.config import Config, ConfigError, ModelConfig, RopeScalingConfig, ffn_hidden_dim
+from train.data.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer
 from train.model import LayerSkipLlama, build_model, model_args
+
+log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 4 * 2**30  # HF's usual shard size; smaller files load with less peak memory
 _INSTALL = "pip install layerskip-titan[hf]"
-# RoPEScalingArgs() defaults: what ModelConfig.rope_scaling=True means (Llama 3.1+).
-_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def _require(module: str):
@@ -45,22 +49,31 @@ def _adapter(cfg: ModelConfig):
 
 # --------------------------------------------------------------------------- config
 
-def _special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
-    """(bos, eos, vocab size) of a sentencepiece model path or processor-like object."""
-    if tokenizer is None:
-        return None, None, 0
-    if isinstance(tokenizer, (str, os.PathLike)):
-        import sentencepiece as spm
-        tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    bos, eos = int(tokenizer.bos_id()), int(tokenizer.eos_id())
-    return (bos if bos >= 0 else None), (eos if eos >= 0 else None), int(tokenizer.get_piece_size())
+TokenizerArg = Tokenizer | str | os.PathLike | None  # a tokenizer, its file or folder, or none
 
 
-def hf_config_dict(model_cfg: ModelConfig, tokenizer: Any = None, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json of a `LlamaForCausalLM` with our shape. `tokenizer`: a sentencepiece .model path
-    or processor (for bos/eos ids), or None. Legacy `rope_theta`/`rope_scaling` keys are written:
-    transformers 4 reads them and 5 converts them."""
-    bos, eos, _ = _special_ids(tokenizer)
+def _open_tokenizer(tokenizer: TokenizerArg) -> Tokenizer | None:
+    if tokenizer is None or isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    return load_tokenizer(tokenizer)
+
+
+def _rope_scaling_dict(rs: RopeScalingConfig | None) -> dict | None:
+    if rs is None:
+        return None
+    return {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_seq_len}
+
+
+def hf_config_dict(model_cfg: ModelConfig, tokenizer: TokenizerArg = None,
+                   dtype: torch.dtype = torch.float32) -> dict:
+    """config.json of a `LlamaForCausalLM` with our shape. `tokenizer` (for the bos/eos ids): a
+    tokenizer, its file or folder, or None. Legacy `rope_theta`/`rope_scaling` keys are written:
+    transformers 4 reads them and 5 converts them. The head is written untied (our model keeps
+    its own output projection, also after importing a tied checkpoint)."""
+    tok = _open_tokenizer(tokenizer)
+    bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (None, None)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -74,7 +87,7 @@ def hf_config_dict(model_cfg: ModelConfig, tokenizer: Any = None, dtype: torch.d
         "hidden_act": "silu",
         "rms_norm_eps": model_cfg.norm_eps,
         "rope_theta": model_cfg.rope_theta,
-        "rope_scaling": dict(_LLAMA3_SCALING) if model_cfg.rope_scaling else None,
+        "rope_scaling": _rope_scaling_dict(model_cfg.rope_scaling),
         "max_position_embeddings": model_cfg.max_seq_len,
         "attention_bias": False,
         "mlp_bias": False,
@@ -108,18 +121,23 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
         raise ConfigError(f"{where}: RoPE type {kind!r} is not supported (default or llama3)")
+    scaling = None
     if kind == "llama3":
-        for k, v in _LLAMA3_SCALING.items():
-            if k != "rope_type" and rope.get(k) != v:
-                raise ConfigError(f"{where}: llama3 rope scaling {k}={rope.get(k)} differs from the "
-                                  f"supported {v} (torchtitan's RoPEScalingArgs defaults)")
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                               "original_max_position_embeddings") if rope.get(k) is None]
+        if missing:
+            raise ConfigError(f"{where}: llama3 RoPE scaling lacks {', '.join(missing)}")
+        scaling = RopeScalingConfig(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_seq_len=int(rope["original_max_position_embeddings"]))
     inter = c["intermediate_size"]
     multiple_of, mult = _ffn_params(dim, inter)
     return {
         "dim": dim, "n_layers": c["num_hidden_layers"], "n_heads": heads,
         "n_kv_heads": c.get("num_key_value_heads") or heads, "vocab_size": c["vocab_size"],
         "multiple_of": multiple_of, "ffn_dim_multiplier": mult, "norm_eps": c.get("rms_norm_eps", 1e-5),
-        "rope_theta": float(theta), "rope_scaling": kind == "llama3",
+        "rope_theta": float(theta), "rope_scaling": scaling,
         "max_seq_len": c.get("max_position_embeddings", 2048),
     }
 
@@ -146,7 +164,8 @@ def check_hf_config(model_cfg: ModelConfig, hf_dir: str | os.PathLike) -> None:
         "norm_eps": model_cfg.norm_eps, "rope_theta": model_cfg.rope_theta,
         "rope_scaling": model_cfg.rope_scaling,
     }
-    diffs = [f"model.{k} = {v} but {hf_dir}/config.json has {hf[k]}" for k, v in ours.items() if v != hf[k]]
+    diffs = [f"model.{k} = {_show(v)} but {hf_dir}/config.json has {_show(hf[k])}"
+             for k, v in ours.items() if v != hf[k]]
     ours_ffn = ffn_hidden_dim(model_cfg.dim, model_cfg.multiple_of, model_cfg.ffn_dim_multiplier)
     hf_ffn = ffn_hidden_dim(hf["dim"], hf["multiple_of"], hf["ffn_dim_multiplier"])
     if ours_ffn != hf_ffn:
@@ -157,6 +176,34 @@ def check_hf_config(model_cfg: ModelConfig, hf_dir: str | os.PathLike) -> None:
         raise ConfigError("model does not match the Hugging Face checkpoint: " + "; ".join(diffs))
 
 
+def _show(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def resolve_model_shape(cfg: Config) -> Config:
+    """`model=hf`: fill every unset (null) shape key, RoPE settings included, from model.init_from's
+    config.json, check the keys that were set against it, and validate the whole config again.
+    Called once at the entry point on every rank (each reads the small file itself, so all ranks
+    agree without communication). A config whose shape is complete is returned as it is."""
+    m = cfg.model
+    if not m.unset_shape_keys:
+        return cfg
+    try:
+        hf = read_hf_config(m.init_from)
+    except ConfigError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    filled = {k: v for k, v in hf.items() if getattr(m, k) is None}
+    if m.multiple_of is None:  # the pair reproduces intermediate_size only together
+        filled["ffn_dim_multiplier"] = hf["ffn_dim_multiplier"]
+    model = dataclasses.replace(m, **filled)
+    check_hf_config(model, m.init_from)
+    cfg = dataclasses.replace(cfg, model=model)
+    cfg.validate()
+    log.info("model shape from %s/config.json: %s", m.init_from,
+             ", ".join(f"{k}={_show(v)}" for k, v in filled.items()))
+    return cfg
+
+
 # --------------------------------------------------------------------------- export
 
 def _expected_keys(cfg: ModelConfig) -> list[str]:
@@ -164,9 +211,10 @@ def _expected_keys(cfg: ModelConfig) -> list[str]:
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | os.PathLike,
-              tokenizer_model_path: str | None, dtype: torch.dtype = torch.bfloat16, *,
+              tokenizer: TokenizerArg, dtype: torch.dtype = torch.bfloat16, *,
               heldout_text: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write a full (unsharded, our names) state dict as a Hugging Face Llama folder at `out_dir`.
+    """Write a full (unsharded, our names) state dict as a Hugging Face Llama folder at `out_dir`,
+    with `tokenizer` (a tokenizer, its file or a folder holding it; None: no tokenizer).
 
     Tensors are converted and cast one at a time. The folder is assembled in a temporary sibling
     and renamed into place, so readers never see a half-written export. `heldout_text`, if given,
@@ -178,12 +226,9 @@ def export_hf(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_d
     if missing or extra:
         raise ValueError(f"state dict does not match model config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(extra)[:5]}")
-    if tokenizer_model_path is not None and not Path(tokenizer_model_path).is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer_model_path} does not exist")
-    _, _, n_pieces = _special_ids(tokenizer_model_path)
-    if n_pieces > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_model_path} has {n_pieces} tokens, more than "
-                         f"model.vocab_size={model_cfg.vocab_size}")
+    tok = _open_tokenizer(tokenizer)  # DataError (a ValueError) if it cannot be read
+    if tok is not None:
+        tok.check_fits(model_cfg.vocab_size)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -206,12 +251,15 @@ def export_hf(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_d
             size += nbytes
         _write_shards(shards, tmp, save_file)
         del shards
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, tokenizer_model_path, dtype), indent=2))
-        bos, eos, _ = _special_ids(tokenizer_model_path)
-        gen = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
+        config = hf_config_dict(model_cfg, tok, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+               "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if tokenizer_model_path is not None:
-            _write_tokenizer(Path(tokenizer_model_path), tmp)
+        if tok is not None and tok.path.suffix == ".json":
+            _write_hf_tokenizer(tok, tmp)
+        elif tok is not None:
+            _write_tokenizer(tok.path, tmp)
         if heldout_text is not None:
             (tmp / "heldout.txt").write_text(heldout_text, encoding="utf-8")
         _replace_dir(tmp, out_dir)
@@ -262,6 +310,18 @@ def _write_tokenizer(model_path: Path, folder: Path) -> None:
         cfg.pop(k, None)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def _write_hf_tokenizer(tok: Tokenizer, folder: Path) -> None:
+    """A tokenizer.json run: that file and its config files as they are (AutoTokenizer reads
+    them like the checkpoint they came from). Without a tokenizer_config.json (BOS/EOS named by
+    special_tokens_map.json only) one is added: without it AutoTokenizer would pick a class from
+    config.json's model type, which may rewrite the tokenizer's own pre-tokenization."""
+    copy_tokenizer(tok, folder)
+    if not (folder / "tokenizer_config.json").is_file():
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.id_to_token(tok.bos_id),
+            "eos_token": tok.id_to_token(tok.eos_id)}, indent=2))
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -28,7 +28,10 @@ LossFn = Callable[["LayerSkipLlama", torch.Tensor, dict[int, torch.Tensor]], obj
 def model_args(cfg: ModelConfig) -> TransformerModelArgs:
     """torchtitan args for our config. Without rope_scaling the scaling factor is 1, which leaves
     the frequencies untouched (Llama 2 and our small models)."""
-    scaling = RoPEScalingArgs() if cfg.rope_scaling else RoPEScalingArgs(scaling_factor=1.0)
+    rs = cfg.rope_scaling
+    scaling = RoPEScalingArgs(scaling_factor=1.0) if rs is None else RoPEScalingArgs(
+        scaling_factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+        high_freq_factor=rs.high_freq_factor, original_max_position_embeddings=rs.original_max_seq_len)
     return TransformerModelArgs(
         dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
         vocab_size=cfg.vocab_size, multiple_of=cfg.multiple_of,

@@ -35,6 +35,7 @@ from parallel.parallelize import load_full_state_dict, parallelize
 from train.checkpoint import CheckpointManager
 from train.config import Config, ConfigError, to_dict
 from train.data import build_data
+from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
 from train.layerskip.curriculum import ExitCurriculum
 from train.layerskip.dropout import LayerDropout
 from train.layerskip.exit_loss import make_exit_loss
@@ -96,9 +97,7 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
 def _write_run_assets(data, run_dir: Path) -> None:
     """The tokenizer and a slice of held-out text travel with the run, so the export and
     `python -m train.decode --model RUN_DIR` need nothing else."""
-    import shutil
-    shutil.copyfile(data.tokenizer.path, run_dir / "tokenizer.model.tmp")
-    os.replace(run_dir / "tokenizer.model.tmp", run_dir / "tokenizer.model")
+    copy_tokenizer(data.tokenizer, run_dir)  # tokenizer.model, or tokenizer.json + its configs
     ids = [seq for inputs, _ in data.val_batches(4) for seq in inputs.tolist()]
     text = "\n".join(data.tokenizer.decode(seq) for seq in ids[:64])
     (run_dir / "heldout.txt.tmp").write_text(text, encoding="utf-8")
@@ -200,10 +199,9 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
         log.info("run directory: %s", run_dir.resolve())
 
     # data (continual pretraining from a HF folder uses its tokenizer unless told otherwise)
-    if cfg.model.init_from and cfg.data.tokenizer is None:
-        hf_tokenizer = Path(cfg.model.init_from) / "tokenizer.model"
-        if hf_tokenizer.is_file():
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(hf_tokenizer)))
+    tokenizer = resolve_tokenizer_path(cfg.data, cfg.model)
+    if tokenizer is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer)))
     data = build_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
                       dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main,
                       barrier=barrier)

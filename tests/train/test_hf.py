@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from train.config import ConfigError, ModelConfig  # noqa: E402
+from train.config import ConfigError, ModelConfig, RopeScalingConfig  # noqa: E402
 from train.hf import (check_hf_config, export_hf, ffn_hidden_dim, hf_config_dict,  # noqa: E402
                       load_hf_state_dict, load_into_model, read_hf_config)
 from tests.train._models import one_thread, random_model  # noqa: E402,F401
@@ -35,7 +35,7 @@ def sp_model(tmp_path_factory) -> str:
     return str(d / "sp.model")
 
 
-@pytest.mark.parametrize("rope_scaling", [False, True])
+@pytest.mark.parametrize("rope_scaling", [None, RopeScalingConfig()])  # Llama 2, Llama 3.1
 def test_export_runs_in_transformers_with_equal_logits_and_exits(tmp_path, sp_model, rope_scaling):
     transformers = pytest.importorskip("transformers")
     cfg = ModelConfig(**{**CFG.__dict__, "rope_scaling": rope_scaling,
@@ -115,3 +115,166 @@ def test_config_width_matches_the_model_and_reads_back(tmp_path, dim, multiple_o
     back = read_hf_config(tmp_path)
     assert ffn_hidden_dim(dim, back["multiple_of"], back["ffn_dim_multiplier"]) == width
     check_hf_config(cfg, tmp_path)  # no error on a match
+
+
+# --------------------------------------------------------------------------- Llama 3 / 3.2
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory) -> Path:
+    """A tiny Llama 3.2-shaped checkpoint: tokenizer.json, tied embeddings, GQA, rope factor 32."""
+    pytest.importorskip("transformers")
+    from tests.train._llama3 import write_tiny_llama3
+    text = Path(ROOT, "train/model.py").read_text() + Path(ROOT, "train/hf.py").read_text()
+    return write_tiny_llama3(tmp_path_factory.mktemp("llama3") / "hf", text)
+
+
+def test_llama3_import_equals_transformers_and_export_round_trip_is_exact(tmp_path, llama3_dir):
+    import dataclasses
+
+    import transformers
+    from train.data.tokenizer import load_tokenizer
+    from train.hf import load_hf_model
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(llama3_dir)).eval()
+    model, cfg = load_hf_model(llama3_dir)
+    assert cfg.rope_scaling == RopeScalingConfig(factor=32.0) and cfg.n_kv_heads == 2
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens, output_hidden_states=True)
+        _, hidden = model(tokens, capture=range(cfg.n_layers))
+        torch.testing.assert_close(model(tokens), ref.logits, atol=1e-4, rtol=0)
+        for E in range(1, cfg.n_layers):
+            hf_exit = hf.lm_head(hf.model.norm(ref.hidden_states[E]))
+            torch.testing.assert_close(model.unembed(hidden[E - 1]), hf_exit, atol=1e-4, rtol=0)
+        # Llama 3.1's factor on the same weights is measurably another model (the check can fail).
+        other = build_model(dataclasses.replace(cfg, rope_scaling=RopeScalingConfig(factor=8.0)), "cpu")
+        other.load_state_dict(model.state_dict())
+        assert (other(tokens) - ref.logits).abs().max() > 1e-3
+    # Export (with the checkpoint's tokenizer) and back: the same tensors, the same config.
+    out = export_hf(model.state_dict(), cfg, tmp_path / "out", llama3_dir, torch.float32)
+    original, exported = load_file(llama3_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert torch.equal(exported.pop("lm_head.weight"), original["model.embed_tokens.weight"])  # untied
+    assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+    assert read_hf_config(out) == read_hf_config(llama3_dir)
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["factor"] == 32.0
+    # The export's AutoTokenizer encodes held-out text as training did; its ids are the model's.
+    text = Path(ROOT, "train/decode.py").read_text()[:2000]
+    auto = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    ours = load_tokenizer(llama3_dir)
+    assert auto.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert (auto.bos_token_id, auto.eos_token_id) == (ours.bos_id, ours.eos_id) == (hf.config.bos_token_id, hf.config.eos_token_id)
+
+
+def test_model_hf_takes_its_shape_from_the_checkpoint(llama3_dir):
+    from hydra import compose, initialize_config_dir
+
+    from train.config import load_config, register_schemas
+    from train.hf import resolve_model_shape
+    register_schemas()
+
+    def config(*overrides):
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "recipes")):
+            return load_config(compose("train", overrides=["model=hf", "data.seq_len=32", *overrides]))
+    with pytest.raises(ConfigError, match=r"model\.init_from=HF_DIR"):
+        config()
+    cfg = resolve_model_shape(config(f"model.init_from={llama3_dir}"))
+    assert {k: getattr(cfg.model, k) for k in read_hf_config(llama3_dir)} == read_hf_config(llama3_dir)
+    assert cfg.model.name == "hf" and cfg.model.max_seq_len == 16384
+    assert resolve_model_shape(config(f"model.init_from={llama3_dir}", "model.max_seq_len=64")).model.max_seq_len == 64
+    with pytest.raises(ConfigError, match=r"model\.n_layers = 3 but .*has 4"):
+        resolve_model_shape(config(f"model.init_from={llama3_dir}", "model.n_layers=3"))
+
+
+def test_import_without_a_tokenizer_stops_before_training(tmp_path, llama3_dir):
+    """The run must not train a new tokenizer for imported weights: it stops naming both keys."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from train.config import load_config, register_schemas
+    from train.hf import resolve_model_shape
+    from train.trainer import run
+    register_schemas()
+    bare = tmp_path / "bare"
+    shutil.copytree(llama3_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "recipes")):
+        cfg = load_config(compose("train", overrides=[
+            "model=hf", f"model.init_from={bare}", "data.seq_len=32", f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}"]))
+    with pytest.raises(ConfigError, match=r"model\.init_from=.*holds no tokenizer.*data\.tokenizer"):
+        run(resolve_model_shape(cfg))
+    assert not (tmp_path / "cache").exists()  # stopped before any data work
+
+
+def test_continual_llama3_from_the_command_line(tmp_path, llama3_dir):
+    """`python -m train model=hf model.init_from=...` with plain files, and the paper's Llama 3.2
+    recipe with model=hf: both train with the checkpoint's tokenizer and shape, and the run's
+    export loads in transformers with that tokenizer."""
+    from tests._launch import read_metrics, start, train_cmd, wait_all
+    from train.data.tokenizer import load_tokenizer
+    from train.export import export_run, load_run_config
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(Path(ROOT, f).read_text() for f in ("train/trainer.py", "train/checkpoint.py")))
+    common = ["model=hf", f"model.init_from={llama3_dir}", f"data.source={corpus}", "data.seq_len=32",
+              "data.batch_size=2", "data.num_workers=0", "data.val_fraction=0.1", "train.steps=2",
+              "eval.every=0", "eval.batches=1", "logging.every=1", "logging.tensorboard=false",
+              "checkpoint.interval=0", "checkpoint.async=false"]
+    runs = {"files": ["data=files"], "recipe": ["experiment=continual_llama3_2_1b", "parallel=default"]}
+    launches = [start(train_cmd([*extra, *common, f"run_dir={tmp_path / name}",
+                                 f"data.cache_dir={tmp_path / name / 'cache'}"]), tmp_path)
+                for name, extra in runs.items()]
+    for done in wait_all(launches, timeout_s=180):
+        done.check()
+    source = load_tokenizer(llama3_dir)
+    for name in runs:
+        run_dir = tmp_path / name
+        assert sorted(read_metrics(run_dir)) == [1, 2]
+        cfg = load_run_config(run_dir)
+        assert cfg.model.dim == 64 and cfg.model.rope_scaling.factor == 32.0 and cfg.model.vocab_size == 402
+        assert load_tokenizer(run_dir).digest == source.digest  # the checkpoint's, not a trained one
+    assert load_run_config(tmp_path / "recipe").layerskip.exit.e_scale == 0.1  # the recipe's settings
+    transformers = pytest.importorskip("transformers")
+    out = export_run(tmp_path / "files", tmp_path / "export", dtype=torch.float32)
+    heldout = (tmp_path / "files" / "heldout.txt").read_text(encoding="utf-8")
+    auto = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert auto.encode(heldout, add_special_tokens=False) == source.encode(heldout)
+    from train.decode import main as decode  # ... and so does `python -m train.decode`
+    report = decode(["--model", str(out), "--exits", "2", "--draft", "2", "--prompts", "1", "--prompt-tokens",
+                     "8", "--max-new-tokens", "4", "--max-tokens", "64", "--seq-len", "16", "--device", "cpu"])
+    assert report["text_tokens"] == len(source.encode(heldout))
+
+
+# The published config.json of meta-llama/Llama-3.2-1B and Meta-Llama-3-8B (the keys we read).
+_LLAMA3_CONFIGS = {
+    "llama3_2_1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                    "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "max_position_embeddings": 131072, "tie_word_embeddings": True},
+    "llama3_8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                  "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": None,
+                  "max_position_embeddings": 8192, "tie_word_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(_LLAMA3_CONFIGS))
+def test_llama3_presets_match_the_published_configs_and_model_hf_reads_the_same(tmp_path, preset):
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    from train.config import load_config, register_schemas
+    from train.hf import resolve_model_shape
+    register_schemas()
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+        **_LLAMA3_CONFIGS[preset]}))
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "recipes")):
+        named = load_config(compose("train", overrides=[f"model={preset}"])).model
+        from_hf = load_config(compose("train", overrides=["model=hf", f"model.init_from={tmp_path}"]))
+    check_hf_config(named, tmp_path)  # the preset is the checkpoint's shape, RoPE scaling included
+    resolved = resolve_model_shape(from_hf).model
+    assert resolved.ffn_hidden_dim == named.ffn_hidden_dim  # (as another multiple_of/multiplier pair)
+    same = dict(name=preset, init_from=None, multiple_of=named.multiple_of, ffn_dim_multiplier=named.ffn_dim_multiplier)
+    assert dataclasses.replace(resolved, **same) == named

@@ -1,17 +1,24 @@
-"""Sentencepiece tokenizer: load an existing `.model` (for example Llama 2's) or train a BPE on the
-corpus.
+"""Tokenizers: the one interface (`Tokenizer`, opened with `load_tokenizer`) with two backends, and
+the one place that decides which tokenizer a run uses (`resolve_tokenizer_path`).
 
-A trained tokenizer is Llama-2-like: BPE with byte fallback (no unknown characters: anything outside
-the vocabulary is spelled in bytes, so decode(encode(text)) == text), digits split one by one, ids
-unk=0, bos=1, eos=2, pad=3. Unlike Llama 2 it keeps text verbatim (no normalisation, no dummy
-leading space, runs of spaces kept) because the default corpus is source code, where whitespace is
-meaning. Training sees a sample of the corpus (`sample_chars`), so it takes seconds whatever the
-corpus size.
+Backends: a sentencepiece `.model` (Llama 2's, or one trained here) and a Hugging Face
+`tokenizer.json` (Llama 3's byte-level BPE; train/data/hf_tokenizer.py). A folder stands for the
+tokenizer it holds: tokenizer.model if present, else tokenizer.json.
+
+A trained tokenizer is sentencepiece and Llama-2-like: BPE with byte fallback (no unknown
+characters: anything outside the vocabulary is spelled in bytes, so decode(encode(text)) == text),
+digits split one by one, ids unk=0, bos=1, eos=2, pad=3. Unlike Llama 2 it keeps text verbatim (no
+normalisation, no dummy leading space, runs of spaces kept) because the default corpus is source
+code, where whitespace is meaning. Training sees a sample of the corpus (`sample_chars`), so it
+takes seconds whatever the corpus size. A tokenizer is trained only when nothing was given and no
+model was imported: an imported model's ids mean its own tokenizer's tokens.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -22,18 +29,63 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from train.config import ConfigError, DataConfig, ModelConfig
 from train.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# What a folder is searched for, in this order (a Llama 2 folder has both: sentencepiece wins).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # Training input is cut into pieces of this many characters and a random subset of pieces is kept,
 # so a corpus of one huge document is sampled as evenly as one of many small files.
 _PIECE_CHARS = 16_384
 
 
-class Tokenizer:
-    """A sentencepiece model. `encode` adds no BOS/EOS: packing adds them around each document."""
+class Tokenizer(abc.ABC):
+    """What the data pipeline, training, export and decoding use of a tokenizer, whichever backend:
+    `path` (the file opened), `files` (every file that defines it), `digest`, `vocab_size`,
+    `bos_id`, `eos_id`, `encode` (adds no BOS/EOS: packing adds them around each document),
+    `encode_batch`, `decode`, `check_fits`. Open one with `load_tokenizer`."""
+
+    path: Path
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    @property
+    @abc.abstractmethod
+    def digest(self) -> str:
+        """sha256 of what maps text to ids: what prepared data and checkpoints record to know that
+        two runs map text to the same ids."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]: ...
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def check_fits(self, model_vocab_size: int) -> None:
+        """Every token id must index the model's embedding."""
+        if self.vocab_size > model_vocab_size:
+            raise DataError(
+                f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary "
+                f"(model.vocab_size) has only {model_vocab_size}; set model.vocab_size >= "
+                f"{self.vocab_size} or use another tokenizer (data.tokenizer)")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -42,7 +94,8 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise DataError(f"tokenizer {self.path} is not a sentencepiece model: {e}") from None
+            raise DataError(f"tokenizer {self.path} is not a sentencepiece model ({e}); a Llama 3 "
+                            f"folder's tokenizer is its tokenizer.json") from None
         if self.bos_id < 0 or self.eos_id < 0:
             raise DataError(f"tokenizer {self.path} defines no BOS/EOS token "
                             f"(bos_id={self.bos_id}, eos_id={self.eos_id}); documents need both")
@@ -69,8 +122,7 @@ class Tokenizer:
 
     @property
     def digest(self) -> str:
-        """sha256 of the tokenizer's file content: what prepared data and checkpoints record to
-        know that two runs map text to the same ids."""
+        """sha256 of the .model file's content."""
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
@@ -80,26 +132,95 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def check_fits(self, model_vocab_size: int) -> None:
-        """Every token id must index the model's embedding."""
-        if self.vocab_size > model_vocab_size:
-            raise DataError(
-                f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary "
-                f"(model.vocab_size) has only {model_vocab_size}; set model.vocab_size >= "
-                f"{self.vocab_size} or use another tokenizer (data.tokenizer)")
 
-    def __repr__(self) -> str:
-        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+def find_tokenizer_file(path: str | os.PathLike) -> Path | None:
+    """The tokenizer file `path` stands for: itself if it is a file; in a folder, the first of
+    TOKENIZER_FILES it holds; None if there is none."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        return next((p / n for n in TOKENIZER_FILES if (p / n).is_file()), None)
+    return None
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The one way to open a tokenizer file (every caller goes through it, so another backend can
-    be added here without touching them)."""
-    return Tokenizer(path)
+    """The one way to open a tokenizer: a sentencepiece .model, a Hugging Face tokenizer.json, or a
+    folder holding one (see find_tokenizer_file)."""
+    p = Path(path).expanduser()
+    file = find_tokenizer_file(p)
+    if file is None:
+        what = "holds no tokenizer.model or tokenizer.json" if p.is_dir() else "does not exist"
+        raise DataError(f"tokenizer {p} {what}")
+    if file.suffix == ".json":
+        from train.data.hf_tokenizer import HFTokenizer  # (it builds on Tokenizer, defined above)
+        return HFTokenizer(file)
+    return SentencePieceTokenizer(file)
+
+
+def resolve_tokenizer_path(data_cfg: DataConfig, model_cfg: ModelConfig) -> Path | None:
+    """The tokenizer file a run uses, decided here and nowhere else:
+    1. data.tokenizer (a file, or a folder holding one), else
+    2. model.init_from's own tokenizer (tokenizer.model or tokenizer.json), else
+    3. None: nothing was imported and nothing given, so one is trained on the corpus.
+    An imported model without a tokenizer and no data.tokenizer is a ConfigError naming both keys
+    (training a new tokenizer would silently give the imported weights ids of other tokens). With
+    model.init_from, the tokenizer's BOS/EOS must be the ids its config.json names."""
+    if data_cfg.tokenizer is not None:
+        path = find_tokenizer_file(data_cfg.tokenizer)
+        if path is None:
+            raise DataError(f"data.tokenizer: {data_cfg.tokenizer} is neither a tokenizer file (a "
+                            f"sentencepiece .model or a tokenizer.json) nor a folder holding "
+                            f"tokenizer.model or tokenizer.json; null uses model.init_from's or trains one")
+    elif model_cfg.init_from is not None:
+        path = find_tokenizer_file(model_cfg.init_from) if Path(model_cfg.init_from).is_dir() else None
+        if path is None:
+            raise ConfigError(
+                f"model.init_from={model_cfg.init_from} holds no tokenizer (tokenizer.model or "
+                f"tokenizer.json) and data.tokenizer is not set: the imported weights need the "
+                f"tokenizer they were trained with. Set data.tokenizer to it (a file or a folder)")
+    else:
+        return None
+    if model_cfg.init_from is not None:
+        check_special_ids(load_tokenizer(path), Path(model_cfg.init_from))
+    return path
+
+
+def check_special_ids(tok: Tokenizer, hf_dir: Path) -> None:
+    """The tokenizer's BOS/EOS must be those of the imported checkpoint's config.json (where it
+    names them; an id list, as Llama 3 Instruct's eos_token_id, must contain ours)."""
+    config = hf_dir / "config.json"
+    if not config.is_file():
+        return  # not a checkpoint folder: the import itself reports that
+    c = json.loads(config.read_text())
+    for name, key, ours in (("BOS", "bos_token_id", tok.bos_id), ("EOS", "eos_token_id", tok.eos_id)):
+        theirs = c.get(key)
+        if theirs is not None and ours not in (theirs if isinstance(theirs, list) else [theirs]):
+            raise ConfigError(
+                f"tokenizer {tok.path} has {name} id {ours} but the imported "
+                f"model.init_from={hf_dir} has {key}={theirs} in config.json: the ids would mean "
+                f"other tokens. Use the checkpoint's own tokenizer (data.tokenizer=null)")
+
+
+def copy_tokenizer(tok: Tokenizer, folder: Path) -> list[Path]:
+    """Copy the files that define `tok` into `folder` (each written atomically) under the names a
+    folder is read by: tokenizer.model, or tokenizer.json with its config files. The other kind's
+    file is removed, so `load_tokenizer(folder)` opens this tokenizer."""
+    folder = Path(folder)
+    main = "tokenizer.json" if tok.path.suffix == ".json" else "tokenizer.model"
+    written = []
+    for i, src in enumerate(tok.files):
+        dst = folder / (main if i == 0 else src.name)
+        write_atomic(dst, src.read_bytes())
+        written.append(dst)
+    for name in TOKENIZER_FILES:
+        if name != main:
+            (folder / name).unlink(missing_ok=True)
+    return written
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, *,
-                    expected_chars: int, sample_chars: int = 8_000_000, seed: int = 0) -> Tokenizer:
+                    expected_chars: int, sample_chars: int = 8_000_000, seed: int = 0) -> SentencePieceTokenizer:
     """Train a BPE tokenizer of at most `vocab_size` tokens on a sample of `documents` and write it
     to `out_path` atomically (a temporary file renamed into place).
 
@@ -142,7 +263,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, *
     except RuntimeError as e:
         raise DataError(f"training a tokenizer with vocab_size={vocab_size} failed: {e}") from None
     write_atomic(out_path, model.getvalue())
-    tok = Tokenizer(out_path)
+    tok = SentencePieceTokenizer(out_path)
     log.info("tokenizer %s: %d tokens, trained in %.1f s", out_path, tok.vocab_size,
              time.perf_counter() - t0)
     return tok
