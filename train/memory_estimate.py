@@ -9,12 +9,14 @@ Nothing is allocated, no data is read and nothing is written (except `parallel.d
 
 The estimate assumes a GPU run: `train.dtype=auto` means bf16 compute with fp32 parameters,
 gradients and optimizer state. Activations are counted per block and token from the tensors
-torchtitan's Llama block saves for backward (flash/efficient attention: no seq x seq scores),
-divided by the tensor-parallel degree (sequence parallelism splits what heads do not):
-- no AC:        block input, attention norm output, q, k, v, attention output, residual,
-                FFN norm output, w1 and w3 outputs, SiLU output, their product: 6D + 2Dkv + 4F;
-- selective AC: block input and the outputs of the matmuls and attention: 5D + 2Dkv + 2F,
-                plus one block's recomputed rest during its backward;
+torchtitan's Llama block saves for backward (fused attention: no seq x seq scores), divided by
+the tensor-parallel degree (sequence parallelism splits what heads do not):
+- no AC:        8D + 2Dkv + 4F, as read with saved-tensor hooks on the block (block input, both
+                norms' inputs and outputs, q, the attention output in two layouts, k and v, the
+                w1, w3, SiLU and product tensors of the FFN; tests/train/test_memory_estimate.py);
+- selective AC: what the policy of parallel/parallelize.py keeps: the block input and the
+                outputs of the matmuls and attention, 5D + 2Dkv + 2F, plus one block's
+                recomputed rest during its backward;
 - full AC:      the block input D, plus one whole block recomputed during its backward.
 Layer dropout only lowers this (dropped samples skip the block), but a step may drop none, so it
 is not counted as a saving. Each active early exit keeps the gradient of its hidden state
@@ -87,7 +89,7 @@ def block_elements_per_token(cfg: Config) -> tuple[int, int]:
     m = cfg.model
     D, F = m.dim, m.ffn_hidden_dim
     Dkv = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
-    everything = 6 * D + 2 * Dkv + 4 * F
+    everything = 8 * D + 2 * Dkv + 4 * F
     if cfg.parallel.ac == "none":
         return everything, 0
     if cfg.parallel.ac == "selective":
