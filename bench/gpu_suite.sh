@@ -43,7 +43,7 @@ RESULTS="${RESULTS:-$ROOT/outputs/gpu_suite$([ $DRY = 1 ] && echo _dry)}"
 WORK="${GPU_SUITE_WORK:-/tmp/gpu_suite$([ $DRY = 1 ] && echo _dry)}"
 KIT="${GPU_SUITE_KIT:-$ROOT/.gpu_suite}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-BUDGET_S="${GPU_SUITE_BUDGET_S:-480}"
+BUDGET_S="${GPU_SUITE_BUDGET_S:-480}"  # steps that would start past it are skipped, and reported
 mkdir -p "$RESULTS"
 rm -rf "$WORK"; mkdir -p "$WORK"
 LOG="$RESULTS/suite.log"
@@ -78,7 +78,7 @@ else
   FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
   MODEL=(model=llama3_2_1b model.max_seq_len=$SEQ)
   PREP_VOCAB=8192; MAX_CHARS=4000000
-  COST=(--preset anchor --batch 4 --seq 4096 --chunk 4096)
+  COST=(--preset anchor --batch 4 --seq 4096 --chunk 4096 --rounds 8 --warmup 2)
 fi
 
 # ---- python packages: ours unpacked into $WORK/site, the anchor's by run_titan.sh into $WORK/titan/vendor
@@ -142,16 +142,16 @@ PAPER=(layerskip=continual layerskip.dropout.p_max=0.1 layerskip.exit.layers="0:
 say "mode: $([ $DRY = 1 ] && echo 'DRY RUN on CPU (tiny shapes; not a measurement)' || echo GPU); python $PY; budget ${BUDGET_S}s"
 run_step titan_eager 120 env MODES=eager "${TITAN[@]}"
 run_step prep 90 "${PREP[@]}"
+run_step estimate 60 "${ESTIMATE[@]}"  # CPU only; needs the torchtitan the anchor step unpacked
 run_step ours_eager 120 "${OURS[@]}" layerskip=none parallel.compile=false run_dir="$WORK/runs/ours_eager"
 if [ $DRY = 0 ]; then
   run_step titan_compile 150 env MODES=compile "${TITAN[@]}"
   run_step ours_compile 150 "${OURS[@]}" layerskip=none parallel.compile=true run_dir="$WORK/runs/ours_compile"
 fi
-run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ $DRY = 1 ] && echo false || echo true) \
-  run_dir="$WORK/runs/paper"
 run_step layerskip_cost 150 env PYTHONPATH="$OURPATH" "$PY" bench/layerskip_cost.py "${COST[@]}" \
   --out "$WORK/layerskip_cost.json"
-run_step estimate 60 "${ESTIMATE[@]}"
+run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ $DRY = 1 ] && echo false || echo true) \
+  run_dir="$WORK/runs/paper"
 
 PYTHONPATH="$OURPATH" "$PY" bench/gpu_suite_report.py --work "$WORK" --anchor "$ANCHOR" \
   --flavor "$FLAVOR" --warmup "$WARMUP" --out "$RESULTS" $([ $DRY = 1 ] && echo --dry-run) \

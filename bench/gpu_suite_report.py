@@ -95,12 +95,13 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
             estimate["total_bytes_per_rank"] / 2**30 / runs["ours_eager"]["peak_active_gib"]
             if estimate and runs.get("ours_eager") and not dry else None),
     }
-    try:
-        import torch
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-        torch_version = torch.__version__
-    except ImportError:  # pragma: no cover
-        device, torch_version = "unknown", "unknown"
+    device, torch_version = "unknown", "unknown"  # as the anchor kit's first line reports them
+    titan_log = work / "titan_eager.log"
+    for line in (titan_log.read_text(errors="replace").splitlines() if titan_log.is_file() else []):
+        if line.startswith("torch ") and " dev=" in line:
+            torch_version = line.split()[1]
+            device = line.split(" dev=", 1)[1].split(" | ")[0]
+            break
     expected = ["titan_eager", "prep", "ours_eager", "paper", "layerskip_cost", "estimate"]
     if not dry:
         expected += ["titan_compile", "ours_compile"]
