@@ -147,7 +147,8 @@ def format_report(r: MemoryReport, cfg: Config) -> str:
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     lines = [
         f"dry run: {cfg.model.name} ({r.param_count / 1e9:.2f}B parameters) on {r.world_size} ranks = "
-        f"dp_shard {r.dp_shard} x tp {r.tp}; per rank: batch {cfg.data.batch_size} x seq "
+        f"dp_shard {r.dp_shard} x tp {r.tp}; per rank (rank {r.rank}; rank 0 holds the largest "
+        f"shard): batch {cfg.data.batch_size} x seq "
         f"{cfg.data.seq_len}, ac={cfg.parallel.ac}, {r.compute_dtype} compute, fp32 master weights; "
         f"up to {r.max_active_exits} exits per step (last layer included)",
         f"  parameters (sharded, fp32)      {g(r.param_bytes_per_rank)}",
