@@ -45,7 +45,10 @@ KIT="${GPU_SUITE_KIT:-$ROOT/.gpu_suite}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_S="${GPU_SUITE_BUDGET_S:-480}"  # steps that would start past it are skipped, and reported
 mkdir -p "$RESULTS"
-rm -rf "$WORK"; mkdir -p "$WORK"
+if [ -d "$WORK" ] && [ -n "$(ls -A "$WORK")" ] && [ ! -f "$WORK/.gpu_suite_work" ]; then
+  echo "gpu_suite: $WORK exists and is not a suite work folder; set GPU_SUITE_WORK elsewhere" >&2; exit 2
+fi
+rm -rf "$WORK"; mkdir -p "$WORK"; touch "$WORK/.gpu_suite_work"  # each run starts from nothing
 LOG="$RESULTS/suite.log"
 : > "$LOG"
 START=$(date +%s)
