@@ -143,10 +143,14 @@ def estimate(cfg: Config, world_size: int, rank: int = 0) -> MemoryReport:
         device_bytes=device, fits=total <= device, compute_dtype=str(compute).replace("torch.", ""))
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def format_report(r: MemoryReport, cfg: Config) -> str:
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     lines = [
-        f"dry run: {cfg.model.name} ({r.param_count / 1e9:.2f}B parameters) on {r.world_size} ranks = "
+        f"dry run: {cfg.model.name} ({_count(r.param_count)} parameters) on {r.world_size} ranks = "
         f"dp_shard {r.dp_shard} x tp {r.tp}; per rank (rank {r.rank}; rank 0 holds the largest "
         f"shard): batch {cfg.data.batch_size} x seq "
         f"{cfg.data.seq_len}, ac={cfg.parallel.ac}, {r.compute_dtype} compute, fp32 master weights; "
