@@ -21,8 +21,8 @@
 # if the image lacks it) are unpacked the same way, with `python -m zipfile`.
 # --dry-run: the same steps on this CPU with tiny shapes and a few steps (the anchor kit's CPU
 # mode, fp32, tiny shapes). The compiled runs are skipped there (an inductor compile on 2 cores
-# alone would take minutes); they differ from the eager ones by one flag. The paper setting runs
-# eager. Figures from a dry run are not measurements.
+# alone would take minutes; GPU_SUITE_DRY_COMPILE=1 runs them too); they differ from the eager
+# ones by one flag. The paper setting runs eager. Figures from a dry run are not measurements.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -77,11 +77,13 @@ if [ $DRY = 1 ]; then
          model.ffn_dim_multiplier=null model.rope_theta=10000 model.rope_scaling=false model.max_seq_len=$SEQ)
   PREP_VOCAB=$CMP_VOCAB; MAX_CHARS=200000
   COST=(--preset tiny)
+  COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
 else
   FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
   MODEL=(model=llama3_2_1b model.max_seq_len=$SEQ)
   PREP_VOCAB=8192; MAX_CHARS=4000000
   COST=(--preset anchor --batch 4 --seq 4096 --chunk 4096 --rounds 8 --warmup 2)
+  COMPILE=1
 fi
 
 # ---- python packages: ours unpacked into $WORK/site, the anchor's by run_titan.sh into $WORK/titan/vendor
@@ -147,13 +149,13 @@ run_step titan_eager 120 env MODES=eager "${TITAN[@]}"
 run_step prep 90 "${PREP[@]}"
 run_step estimate 60 "${ESTIMATE[@]}"  # CPU only; needs the torchtitan the anchor step unpacked
 run_step ours_eager 120 "${OURS[@]}" layerskip=none parallel.compile=false run_dir="$WORK/runs/ours_eager"
-if [ $DRY = 0 ]; then
+if [ "$COMPILE" = 1 ]; then
   run_step titan_compile 150 env MODES=compile "${TITAN[@]}"
   run_step ours_compile 150 "${OURS[@]}" layerskip=none parallel.compile=true run_dir="$WORK/runs/ours_compile"
 fi
 run_step layerskip_cost 150 env PYTHONPATH="$OURPATH" "$PY" bench/layerskip_cost.py "${COST[@]}" \
   --out "$WORK/layerskip_cost.json"
-run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ $DRY = 1 ] && echo false || echo true) \
+run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ "$COMPILE" = 1 ] && echo true || echo false) \
   run_dir="$WORK/runs/paper"
 
 PYTHONPATH="$OURPATH" "$PY" bench/gpu_suite_report.py --work "$WORK" --anchor "$ANCHOR" \

@@ -92,7 +92,7 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
     info = {
         "paper setting MFU % (compiled on GPU)": runs["paper"]["mfu_pct_median"] if runs.get("paper") else None,
         "torchtitan MFU % (compiled)": runs["titan_compile"]["mfu_pct_median"] if runs.get("titan_compile") else None,
-        "paper setting tokens/s vs ours with LayerSkip off": ratio("paper", "ours_eager" if dry else "ours_compile", "tps_per_gpu_median"),
+        "paper setting tokens/s vs ours with LayerSkip off": ratio("paper", "ours_compile" if runs.get("ours_compile") else "ours_eager", "tps_per_gpu_median"),
         "peak memory ours / torchtitan, eager": ratio("ours_eager", "titan_eager", "peak_active_gib"),
         # (in a dry run: a bf16 estimate against an fp32 CPU process's resident set: no meaning)
         "dry-run estimate / measured peak, ours eager": (
@@ -107,7 +107,7 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
             device = line.split(" dev=", 1)[1].split(" | ")[0]
             break
     expected = ["titan_eager", "prep", "ours_eager", "paper", "layerskip_cost", "estimate"]
-    if not dry:
+    if not dry or "titan_compile" in status:
         expected += ["titan_compile", "ours_compile"]
     missing = [n for n in expected if status.get(n) != "0"]
     missing += [n for n in ("titan_eager", "ours_eager", "paper") if runs.get(n) is None and n not in missing]
