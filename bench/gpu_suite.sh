@@ -74,7 +74,7 @@ if [ $DRY = 1 ]; then
   FLAVOR=cmp; LBS=2; SEQ=64; STEPS=3; WARMUP=1
   MODEL=(model=llama3_2_1b model.dim=$CMP_DIM model.n_layers=$CMP_LAYERS model.n_heads=$CMP_HEADS
          model.n_kv_heads=$CMP_HEADS model.vocab_size=$CMP_VOCAB model.multiple_of=256
-         model.ffn_dim_multiplier=null model.rope_theta=10000 model.rope_scaling=false model.max_seq_len=$SEQ)
+         model.ffn_dim_multiplier=null model.rope_theta=10000 model.max_seq_len=$SEQ)
   PREP_VOCAB=$CMP_VOCAB; MAX_CHARS=200000
   COST=(--preset tiny)
   COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
