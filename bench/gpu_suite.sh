@@ -119,6 +119,9 @@ run_step() {
   grep -E "step|tok/s|Error|error|Traceback|SUMMARY|^\[|dry run|total per rank" "$WORK/$name.log" \
     | sed 's/\x1b\[[0-9;]*m//g' | tail -n 12 >> "$LOG"
   say "$name: rc=$rc in $(( $(date +%s) - t0 ))s"
+  if [ "$rc" != 0 ]; then  # the work folder stays on the device: bring the failure's end back in the log
+    { echo "----- last 60 lines of $name.log -----"; tail -n 60 "$WORK/$name.log"; echo "-----"; } >> "$LOG"
+  fi
   echo "$name $rc" >> "$STATUS"
 }
 
