@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,14 +28,14 @@ def _kit(tmp_path: Path) -> Path:
         return kit
     kit = tmp_path / "kit"
     subprocess.run(["bash", str(ROOT / "bench" / "fetch_wheels.sh")], check=True, timeout=300,
-                   env={**os.environ, "GPU_SUITE_KIT": str(kit)})
+                   env={**os.environ, "GPU_SUITE_KIT": str(kit), "PYTHON": sys.executable})
     return kit
 
 
 def test_gpu_suite_dry_run(tmp_path):
     kit = _kit(tmp_path)
     work, out = tmp_path / "work", tmp_path / "out"
-    env = {**os.environ, "GPU_SUITE_KIT": str(kit), "GPU_SUITE_WORK": str(work)}
+    env = {**os.environ, "GPU_SUITE_KIT": str(kit), "GPU_SUITE_WORK": str(work), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=400)
     log = (out / "suite.log").read_text() if (out / "suite.log").is_file() else proc.stdout + proc.stderr
