@@ -53,6 +53,10 @@ PRESETS = {
     "cpu": dict(model=ModelConfig(name="bench-cpu", dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
                                   vocab_size=16384, multiple_of=64, max_seq_len=256),
                 batch=4, seq=128, chunk=256, rounds=6, warmup=1),
+    # The GPU suite's dry run (bench/gpu_suite.sh --dry-run): every case in a second, no figures.
+    "tiny": dict(model=ModelConfig(name="bench-tiny", dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                                   vocab_size=512, multiple_of=16, max_seq_len=64),
+                 batch=2, seq=32, chunk=32, rounds=1, warmup=0),
     # ANCHORS.md's Llama-3.2-1B shapes and batch: comparable with its microbenchmark.
     "anchor": dict(model=ModelConfig(name="llama3.2-1b", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                                      vocab_size=128256, multiple_of=256, ffn_dim_multiplier=1.5,

@@ -38,6 +38,10 @@ def main(cfg: DictConfig) -> None:
         if config.model.unset_shape_keys:  # model=hf: the shape is model.init_from's config.json
             from train.hf import resolve_model_shape
             config = resolve_model_shape(config)
+        if config.parallel.dry_run:  # one CPU process, a fake process group: no launch needed
+            from train.memory_estimate import dry_run
+            dry_run(config, " ".join(["python -m train", *sys.argv[1:]]))
+            return
         # The layout needs only the world size: check it before the heavy imports.
         from parallel.dims import ParallelDims
         world = int(os.environ.get("WORLD_SIZE", "1"))

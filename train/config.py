@@ -270,6 +270,11 @@ class ParallelConfig:
     compile: bool = False
     reshard_after_forward: bool = True
     timeout_s: float = 300.0  # a collective that takes longer raises instead of hanging
+    # Dry run (train/memory_estimate.py): check the layout for this many ranks and print per-rank
+    # memory, on one CPU, without training; 0 = a normal run.
+    dry_run: int = 0
+    dry_run_json: str | None = None  # also write the dry run's figures here
+    device_gib: float = 80.0  # device memory the dry run's total is compared with
 
     def validate(self) -> None:
         if self.ac not in ("none", "selective", "full"):
@@ -280,6 +285,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.dp_shard must be >= 1 or -1, got {self.dp_shard}")
         if self.timeout_s <= 0:
             raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        if self.dry_run < 0:
+            raise ConfigError(f"parallel.dry_run must be a world size >= 1, or 0 (off), got {self.dry_run}")
+        if self.device_gib <= 0:
+            raise ConfigError(f"parallel.device_gib must be positive, got {self.device_gib}")
 
 
 @dataclass

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Every performance figure of this project, on one GPU, in one prepared command (< 8 minutes on
+# one H100 or H200), as ratios against torchtitan measured in the same run:
+#   1. the torchtitan 0.2.2 anchor (the anchor kit), eager and compiled, Llama-3.2-1B shapes,
+#      seq 4096, local batch 4, selective AC;
+#   2. our trainer, same shapes and settings, layerskip=none, eager and compiled;
+#   3. our trainer with the paper's continual-pretraining setting (p_max 0.1, rotational R=8,
+#      e_scale 0.1), compiled;
+#   4. bench/layerskip_cost.py in bf16 on the same shapes;
+#   5. the dry run's memory estimate of run 2 (python -m train parallel.dry_run=1), to hold
+#      against the measured peak.
+# It writes suite.json, suite.md (the table of ratios against the targets) and suite.log into
+# --out, and keeps runs, logs and data in a work folder (GPU_SUITE_WORK, default /tmp/gpu_suite).
+#
+#   here, once:     bash bench/fetch_wheels.sh            # fills the ignored .gpu_suite/ (needs PyPI)
+#   on the device:  bash bench/gpu_suite.sh --out $OUT    # run tool: carry [".gpu_suite"], timeout_s 600
+#   on this CPU:    bash bench/gpu_suite.sh --dry-run --out DIR
+#
+# Offline: nothing is installed. The anchor kit's run_titan.sh unpacks its wheels (torchtitan and
+# the pure-Python packages it imports) as it always does; ours (Hydra, OmegaConf, and sentencepiece
+# if the image lacks it) are unpacked the same way, with `python -m zipfile`.
+# --dry-run: the same steps on this CPU with tiny shapes and a few steps (the anchor kit's CPU
+# mode, fp32, tiny shapes). The compiled runs are skipped there (an inductor compile on 2 cores
+# alone would take minutes; GPU_SUITE_DRY_COMPILE=1 runs them too); they differ from the eager
+# ones by one flag. The paper setting runs eager. Figures from a dry run are not measurements.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+DRY=0
+RESULTS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) RESULTS="$2"; shift ;;
+    --out=*) RESULTS="${1#--out=}" ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    *) echo "gpu_suite: unknown argument $1 (use --dry-run, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+RESULTS="${RESULTS:-$ROOT/outputs/gpu_suite$([ $DRY = 1 ] && echo _dry)}"
+WORK="${GPU_SUITE_WORK:-/tmp/gpu_suite$([ $DRY = 1 ] && echo _dry)}"
+KIT="${GPU_SUITE_KIT:-$ROOT/.gpu_suite}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+BUDGET_S="${GPU_SUITE_BUDGET_S:-480}"  # steps that would start past it are skipped, and reported
+mkdir -p "$RESULTS"
+if [ -d "$WORK" ] && [ -n "$(ls -A "$WORK")" ] && [ ! -f "$WORK/.gpu_suite_work" ]; then
+  echo "gpu_suite: $WORK exists and is not a suite work folder; set GPU_SUITE_WORK elsewhere" >&2; exit 2
+fi
+rm -rf "$WORK"; mkdir -p "$WORK"; touch "$WORK/.gpu_suite_work"  # each run starts from nothing
+LOG="$RESULTS/suite.log"
+: > "$LOG"
+START=$(date +%s)
+say() { echo "[gpu_suite $(date +%T)] $*" | tee -a "$LOG"; }
+
+# ---- the anchor kit: the carried copy (with wheels), else the shared one (packages installed)
+ANCHOR=""
+for d in "$KIT/anchor" "$ROOT/shared/anchor" "$ROOT/../shared/anchor"; do
+  if [ -f "$d/run_titan.sh" ]; then ANCHOR="$(cd "$d" && pwd)"; break; fi
+done
+if [ -z "$ANCHOR" ]; then
+  say "no anchor kit: run bash bench/fetch_wheels.sh first (looked in $KIT/anchor, shared/anchor, ../shared/anchor)"
+  exit 1
+fi
+
+# ---- shapes: the real ones on a GPU, tiny ones (same code paths) in a dry run
+if [ $DRY = 1 ]; then
+  # The anchor kit's CPU mode, fp32 (bf16 matmuls crawl on a CPU), on its "cmp" flavor: a Llama
+  # shaped by CMP_*, and our model built to the same shape, so even the dry run compares like
+  # with like (n_kv_heads = n_heads, multiple_of 256, no FFN multiplier, rope theta 1e4).
+  export BENCH_CPU_SHIM=1 CMP_DIM=64 CMP_LAYERS=2 CMP_HEADS=4 CMP_VOCAB=512
+  export EXTRA="--training.mixed_precision_param float32"
+  FLAVOR=cmp; LBS=2; SEQ=64; STEPS=3; WARMUP=1
+  MODEL=(model=llama3_2_1b model.dim=$CMP_DIM model.n_layers=$CMP_LAYERS model.n_heads=$CMP_HEADS
+         model.n_kv_heads=$CMP_HEADS model.vocab_size=$CMP_VOCAB model.multiple_of=256
+         model.ffn_dim_multiplier=null model.rope_theta=10000 model.max_seq_len=$SEQ)
+  PREP_VOCAB=$CMP_VOCAB; MAX_CHARS=200000
+  COST=(--preset tiny)
+  COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
+else
+  FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
+  MODEL=(model=llama3_2_1b model.max_seq_len=$SEQ)
+  PREP_VOCAB=8192; MAX_CHARS=4000000
+  COST=(--preset anchor --batch 4 --seq 4096 --chunk 4096 --rounds 8 --warmup 2)
+  COMPILE=1
+fi
+
+# ---- python packages: ours unpacked into $WORK/site, the anchor's by run_titan.sh into $WORK/titan/vendor
+SITE="$WORK/site"
+mkdir -p "$SITE"
+for w in "$KIT"/wheels/*.whl; do
+  [ -e "$w" ] || continue
+  "$PY" -m zipfile -e "$w" "$SITE" || { say "failed to unpack $w"; exit 1; }
+done
+if ! "$PY" -c "import sentencepiece" 2>/dev/null; then
+  for w in "$KIT"/wheels/if_missing/sentencepiece-*.whl; do
+    [ -e "$w" ] && "$PY" -m zipfile -e "$w" "$SITE"
+  done
+fi
+say "unpacked $(ls "$KIT"/wheels/*.whl 2>/dev/null | wc -l) wheel(s) into $SITE; anchor kit: $ANCHOR"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OURPATH="$SITE:$WORK/titan/vendor:$ROOT"
+STATUS="$WORK/status.txt"
+: > "$STATUS"
+
+# run_step NAME CAP_S CMD...: runs within what is left of the budget; records rc in $STATUS.
+run_step() {
+  local name="$1" cap="$2"; shift 2
+  local left=$((BUDGET_S - ($(date +%s) - START)))
+  local t=$((cap < left ? cap : left))
+  if [ "$t" -lt 20 ]; then
+    say "$name: skipped (budget of ${BUDGET_S}s spent)"; echo "$name skipped" >> "$STATUS"; return
+  fi
+  say "$name: start (limit ${t}s)"
+  local t0=$(date +%s)
+  timeout --kill-after=15 "$t" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  grep -E "step|tok/s|Error|error|Traceback|SUMMARY|^\[|dry run|total per rank" "$WORK/$name.log" \
+    | sed 's/\x1b\[[0-9;]*m//g' | tail -n 12 >> "$LOG"
+  say "$name: rc=$rc in $(( $(date +%s) - t0 ))s"
+  if [ "$rc" != 0 ]; then  # the work folder stays on the device: bring the failure's end back in the log
+    { echo "----- last 60 lines of $name.log -----"; tail -n 60 "$WORK/$name.log"; echo "-----"; } >> "$LOG"
+  fi
+  echo "$name $rc" >> "$STATUS"
+}
+
+# The steps' commands (arrays: `timeout` runs programs, not shell functions).
+TITAN=(env OUT="$WORK/titan" PYTHON="$PY" FLAVOR=$FLAVOR LBS=$LBS SEQ=$SEQ STEPS=$STEPS WARMUP=$WARMUP
+       AC=selective bash "$ANCHOR/run_titan.sh")  # the anchor kit, unchanged; MODES=... per step
+TRAIN=(env PYTHONPATH="$OURPATH" "$PY" -m train)
+# a tokenizer for the stdlib corpus (cached in the run directory); the 1B runs then only pack tokens
+PREP=("${TRAIN[@]}" model=tiny model.dim=32 model.n_layers=1 model.n_heads=2 model.n_kv_heads=1 model.vocab_size=$PREP_VOCAB data.source=stdlib
+      data.max_chars=$MAX_CHARS data.cache_dir="$WORK/data" data.seq_len=128 data.batch_size=2
+      data.val_fraction=0.05 layerskip=none train.steps=1 eval.every=0 eval.batches=1
+      checkpoint.interval=0 checkpoint.save_final=false logging.tensorboard=false run_dir="$WORK/runs/prep")
+# our trainer on the anchor's shapes and settings, through our data path
+OURS=("${TRAIN[@]}" "${MODEL[@]}" data.source=stdlib data.max_chars=$MAX_CHARS
+      data.tokenizer="$WORK/runs/prep/tokenizer.model" data.cache_dir="$WORK/data"
+      data.seq_len=$SEQ data.batch_size=$LBS data.val_fraction=0.05 data.num_workers=0
+      parallel.ac=selective train.steps=$STEPS eval.every=0 eval.batches=1 eval.per_layer=false
+      checkpoint.interval=0 checkpoint.save_final=false logging.every=1 logging.tensorboard=false)
+# the dry run of our eager run's layout (world 1), to hold against its measured peak memory
+ESTIMATE=("${TRAIN[@]}" "${MODEL[@]}" data.seq_len=$SEQ data.batch_size=$LBS layerskip=none
+          parallel.ac=selective parallel.dry_run=1 parallel.dry_run_json="$WORK/estimate.json")
+
+PAPER=(layerskip=continual layerskip.dropout.p_max=0.1 layerskip.exit.layers="0:"
+       layerskip.exit.curriculum=rotational layerskip.exit.period=8 layerskip.exit.e_scale=0.1)
+
+say "mode: $([ $DRY = 1 ] && echo 'DRY RUN on CPU (tiny shapes; not a measurement)' || echo GPU); python $PY; budget ${BUDGET_S}s"
+run_step titan_eager 120 env MODES=eager "${TITAN[@]}"
+run_step prep 90 "${PREP[@]}"
+run_step estimate 60 "${ESTIMATE[@]}"  # CPU only; needs the torchtitan the anchor step unpacked
+run_step ours_eager 120 "${OURS[@]}" layerskip=none parallel.compile=false run_dir="$WORK/runs/ours_eager"
+if [ "$COMPILE" = 1 ]; then
+  run_step titan_compile 150 env MODES=compile "${TITAN[@]}"
+  run_step ours_compile 150 "${OURS[@]}" layerskip=none parallel.compile=true run_dir="$WORK/runs/ours_compile"
+fi
+run_step layerskip_cost 150 env PYTHONPATH="$OURPATH" "$PY" bench/layerskip_cost.py "${COST[@]}" \
+  --out "$WORK/layerskip_cost.json"
+run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ "$COMPILE" = 1 ] && echo true || echo false) \
+  run_dir="$WORK/runs/paper"
+
+PYTHONPATH="$OURPATH" "$PY" bench/gpu_suite_report.py --work "$WORK" --anchor "$ANCHOR" \
+  --flavor "$FLAVOR" --warmup "$WARMUP" --out "$RESULTS" $([ $DRY = 1 ] && echo --dry-run) \
+  --elapsed $(( $(date +%s) - START )) 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+say "done in $(( $(date +%s) - START ))s; results in $RESULTS (suite.json, suite.md, suite.log)"
+exit "$rc"
