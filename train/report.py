@@ -27,6 +27,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 _LINESTYLES = ["-", "--", ":", "-."]
 _RUN_COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -106,10 +107,16 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+def _model_name(path: str) -> str:
+    """`run/hf` for an export inside a run directory, else the folder's name."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name == "hf" and p.parent.name else (p.name or "model")
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=100)  # after tight_layout; bbox_inches="tight" would draw twice
     plt.close(fig)
     return path
 
@@ -201,6 +208,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
               ylabel="cross-entropy (nats)")
     a_val.set(title="validation loss of every exit over steps", xlabel="step", ylabel="cross-entropy (nats)")
     a_train.set(title="final layer's training loss", xlabel="step", ylabel="cross-entropy (nats)")
+    for ax in (a_end, a_agree):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # exits are whole blocks
     for ax in (a_end, a_train):
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -255,8 +264,9 @@ def _heatmap(ax, grid: list[list[float]], rows: list[int], cols: list[int], titl
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if math.isfinite(v):
+                r, g, b, _ = im.cmap(im.norm(v))
                 ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize="small",
-                        color="black" if norm is None or 0.25 < norm(v) < 0.75 else "white")
+                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
     ax.figure.colorbar(im, ax=ax, label=label)
 
 
@@ -270,16 +280,18 @@ def plot_decode(report: dict, out: str | Path) -> Path:
         raise ValueError("the decode report has neither perplexity nor speculative results to plot")
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.4), squeeze=False)
     axes = list(axes[0])
-    fig.suptitle(f"{Path(report.get('model', '')).name or 'model'}: early exit and self-speculative decoding "
+    fig.suptitle(f"{_model_name(report.get('model', ''))}: early exit and self-speculative decoding "
                  f"({report.get('device', '')}, {report.get('dtype', '')})")
     if "perplexity" in report:
         ax = axes.pop(0)
         rows = report["perplexity"]["layers"]
-        ax.semilogy([r["exit"] for r in rows], [r["perplexity"] for r in rows], "o-", label="exit E")
-        ax.axhline(rows[-1]["perplexity"], color="grey", linestyle="--", label="full model")
+        ppl = [r["perplexity"] for r in rows]
+        log_scale = max(ppl) > 10 * min(ppl)  # a log axis only when the exits span a decade
+        ax.plot([r["exit"] for r in rows], ppl, "o-", label="exit E")
+        ax.axhline(ppl[-1], color="grey", linestyle="--", label="full model")
         ax.set(title=f"perplexity by exit ({report['perplexity']['tokens']} held-out tokens)",
-               xlabel="exit E (blocks run)", ylabel="perplexity (log scale)",
-               xticks=[r["exit"] for r in rows])
+               xlabel="exit E (blocks run)", ylabel="perplexity" + (" (log scale)" if log_scale else ""),
+               xticks=[r["exit"] for r in rows], yscale="log" if log_scale else "linear")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
     if "speculative" in report:
@@ -339,13 +351,15 @@ def plot_exit_scores(report: dict, out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for (task, metric), (xs, ys, errs) in series.items():
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=f"{task} {metric}")
-    ax.set(title=f"{Path(report.get('model', '')).name or 'model'}: downstream score by exit"
+    ax.set(title=f"{_model_name(report.get('model', ''))}: downstream score by exit"
                  + (f" (step {report['step']})" if report.get("step") is not None else ""),
            xlabel="exit E (blocks run, then the shared norm + head)", ylabel="score",
            xticks=[int(e) for e in exits])
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize="small")
+        if all(0 <= y <= 1 for _, ys, _ in series.values() for y in ys):
+            ax.set_ylim(0, 1)  # accuracies: the whole scale, so chance levels read right
     fig.tight_layout()
     return _save(fig, out)
 
