@@ -17,7 +17,7 @@ Reports (table on stdout, --json, --plot):
 3. Hugging Face's own self-speculative decoding, `generate(..., assistant_early_exit=E)` with d
    draft tokens per round, on the same prompts (needs the `hf` extra; --no-hf skips it): its
    tokens/s beside ours, and whether its outputs equal its own greedy `generate` (and ours).
-The plot (drawn by train/report.py) has a panel per part: perplexity by E (log scale), acceptance
+The plot (drawn by train/report.py) has a panel per part: perplexity by E, acceptance
 rate and speedup over (E, d) as annotated heatmaps, and tokens/s of ours beside Hugging Face's.
 """
 from __future__ import annotations
@@ -116,11 +116,15 @@ def hf_assisted_sweep(hf_dir: Path, prompts: list[list[int]], pairs: list[tuple[
     """Hugging Face's `generate(..., assistant_early_exit=E)` (its LayerSkip candidate generator:
     the first E layers of the same model draft, the whole model verifies) for every (E, d) in
     `pairs`, d draft tokens per round (constant schedule, no confidence cut-off, as ours), and its
-    plain greedy `generate`, on the same prompts. `ours`: our greedy outputs, to compare with."""
+    plain greedy `generate`, on the same prompts. `ours`: our greedy outputs, to compare with.
+    `model_calls` counts the forward calls of the model (each draft step and each verify pass)."""
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM.from_pretrained(str(hf_dir)).to(device=device, dtype=dtype).eval()
-    model.generation_config.eos_token_id = eos_id  # None: never stop early, as --ignore-eos
-    model.generation_config.pad_token_id = eos_id if eos_id is not None else 0
+    config = model.generation_config
+    config.eos_token_id = eos_id  # None: never stop early, as --ignore-eos
+    config.pad_token_id = eos_id if eos_id is not None else 0
+    calls: list[int] = []
+    model.model.register_forward_hook(lambda *_: calls.append(1))
 
     @torch.no_grad()
     def generate(prompt: list[int], **kw) -> tuple[list[int], float]:
@@ -139,13 +143,16 @@ def hf_assisted_sweep(hf_dir: Path, prompts: list[list[int]], pairs: list[tuple[
     result = {"greedy": {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
                          "identical_to_ours": [o for o, _ in greedy] == ours}, "runs": []}
     for E, d in pairs:
-        runs = [generate(p, assistant_early_exit=E, num_assistant_tokens=d,
-                         num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
-                for p in prompts]
+        # The early-exit assistant reads these from the model's own generation config, not from
+        # generate()'s arguments (transformers 4.47-5.x).
+        config.num_assistant_tokens, config.num_assistant_tokens_schedule = d, "constant"
+        config.assistant_confidence_threshold = 0.0  # 0: no early stop of a draft
+        calls.clear()
+        runs = [generate(p, assistant_early_exit=E) for p in prompts]
         tokens, secs = timed(runs)
         result["runs"].append({
             "exit": E, "draft": d, "tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
-            "speedup": tokens / secs / result["greedy"]["tokens_per_s"],
+            "speedup": tokens / secs / result["greedy"]["tokens_per_s"], "model_calls": len(calls),
             "identical": [o for o, _ in runs] == [o for o, _ in greedy]})
     return result
 

@@ -90,6 +90,8 @@ def test_decode_cli_end_to_end(tmp_path):
     hf = report["hf"]
     assert [(r["exit"], r["draft"]) for r in hf["runs"]] == [(1, 2), (1, 3), (3, 2), (3, 3)]
     assert hf["greedy"]["identical_to_ours"] and all(r["identical"] and r["tokens_per_s"] > 0 for r in hf["runs"])
+    calls = {(r["exit"], r["draft"]): r["model_calls"] for r in hf["runs"]}
+    assert calls[(1, 3)] > calls[(1, 2)] and calls[(3, 3)] > calls[(3, 2)]  # d really drafts d tokens a round
     from PIL import Image
     with Image.open(out_png) as im:  # a real PNG with four panels' worth of width, not blank
         assert im.format == "PNG" and im.width > 2 * im.height and len(im.convert("L").getcolors(1 << 16)) > 10
