@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.continuation_task import write_task
 from train.config import ModelConfig
 from tests.train._models import exported_random_model, one_thread, sentencepiece_model  # noqa: F401
 
@@ -19,48 +19,14 @@ CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, m
 TASK = "exit_probe"
 
 
-def _local_task(folder: Path, text: str, n_items: int = 32) -> Path:
-    """A multiple-choice task over local JSON, as a user would write one for an offline cluster:
-    which of four continuations follows a line's beginning. Returns the --include-path folder."""
-    lines = [l.split() for l in text.splitlines() if len(l.split()) >= 8]
-    rng = random.Random(0)
-    items = []
-    for words in rng.sample(lines, n_items):
-        others = [o[4:8] for o in rng.sample(lines, 3)]
-        choices = [" ".join(words[4:8])] + [" ".join(o) for o in others]
-        order = list(range(4))
-        rng.shuffle(order)
-        items.append({"context": " ".join(words[:4]), "choices": [choices[i] for i in order],
-                      "label": order.index(0)})
-    tasks = folder / "tasks"
-    tasks.mkdir()
-    (tasks / "items.jsonl").write_text("\n".join(json.dumps(i) for i in items))
-    (tasks / f"{TASK}.yaml").write_text(f"""\
-task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tasks / 'items.jsonl'}
-  cache_dir: {folder / 'datasets_cache'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    return tasks
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random Llama exported with its converted tokenizer, and a local task folder."""
     folder = tmp_path_factory.mktemp("eval_exits")
     text = Path(ROOT, "train/inference.py").read_text() + Path(ROOT, "train/model.py").read_text()
     hf = exported_random_model(folder / "hf", CFG, text, tokenizer=sentencepiece_model(folder, text))
-    return hf, _local_task(folder, text)
+    # A local task over local JSON, as a user would write one for an offline cluster (32 items).
+    return hf, write_task(text, folder / "tasks", TASK, n_items=32, cache_dir=folder / "datasets_cache")
 
 
 @torch.no_grad()
