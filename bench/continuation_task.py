@@ -47,8 +47,8 @@ doc_to_text: "{{{{context}}}}"
 doc_to_choice: choices
 doc_to_target: label
 metric_list:
-  - metric: acc
-  - metric: acc_norm
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """)
     return folder
 
