@@ -74,3 +74,32 @@ def test_eval_exits_cli_scores_every_exit_and_matches_lm_eval_at_full_depth(expo
 
     with pytest.raises(SystemExit, match=r"--exits must be in 1\.\.4"):
         main(["--model", str(hf_dir), "--exits", "0,5", "--tasks", TASK, "--include-path", str(tasks)])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_run_directory_is_exported_at_its_checkpoint_step(tmp_path):
+    """--model RUN_DIR: the newest complete checkpoint (or --step N) is exported to a temporary
+    folder, and the report names its step."""
+    from omegaconf import OmegaConf
+
+    from train.checkpoint import CheckpointManager
+    from train.config import CheckpointConfig, Config, DataConfig, to_dict
+    from train.eval_exits import resolve_model
+    from train.hf import load_hf_state_dict
+    from tests.train._models import random_model
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(Config(model=CFG, data=DataConfig(seq_len=32))))))
+    ckpt = CheckpointManager(run / "checkpoints", CheckpointConfig(keep=3), model_cfg=CFG)
+    models = {step: random_model(CFG, seed=step) for step in (3, 7)}
+    for step, model in models.items():
+        ckpt.save(step, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    for asked, want in ((None, 7), (3, 3)):
+        with resolve_model(str(run), asked) as (hf_dir, step):
+            assert step == want
+            got = load_hf_state_dict(hf_dir, CFG)
+            assert all(torch.equal(got[k], v) for k, v in models[want].state_dict().items())
+        assert not hf_dir.exists()  # the temporary export is gone
+    with pytest.raises(SystemExit, match="--step 5"):
+        with resolve_model(str(run), 5):
+            pass
