@@ -14,13 +14,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! python -c "import train, torchtitan, hydra, transformers" 2>/dev/null \
+if ! python -c "import train, torchtitan, hydra, transformers, matplotlib, lm_eval" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
   echo "[setup] installing dependencies into .venv (first run only)"
   python -m pip install -q --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.11,<2.14"
   fi
-  python -m pip install -q -e ".[dev,hf]"
+  python -m pip install -q -e ".[dev,hf,eval]"
   touch .venv/.installed
 fi

@@ -79,3 +79,46 @@ def test_unknown_key_is_rejected_with_suggestion():
     from train.config import Config, from_dict
     with pytest.raises(ConfigError, match=r"optim\.lrr.*optim\.lr"):
         from_dict(Config, {"optim": {"lrr": 1.0}})
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml")))
+def test_layerskip_none_is_plain_pretraining_under_every_experiment(experiment):
+    """The paper's baseline: `layerskip=none` replaces every LayerSkip setting an experiment makes
+    (experiments choose them as a group option, not as `layerskip.*` keys after the group)."""
+    base = [f"experiment={experiment}", "data.source=/some/corpus"]
+    with_layerskip, baseline = _compose(base), _compose([*base, "layerskip=none"])
+    n_layers = with_layerskip.model.n_layers
+    assert with_layerskip.layerskip.dropout.enabled and with_layerskip.layerskip.exit.layer_list(n_layers)
+    assert not baseline.layerskip.dropout.enabled
+    assert baseline.layerskip.exit.layer_list(n_layers) == []
+    assert (baseline.model, baseline.optim, baseline.train) == (with_layerskip.model, with_layerskip.optim,
+                                                                with_layerskip.train)
+
+
+def test_quickstart_with_layerskip_none_logs_no_dropout_and_no_exit_loss(tmp_path):
+    """What a new user types, `python -m train layerskip=none` (shrunk to a few steps of a small
+    model on a small corpus): no layer is dropped and only the final layer is in the loss."""
+    import json
+    import sysconfig
+
+    from train.trainer import run
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for src in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")):
+        (corpus / f"{src.stem}.txt").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = _compose(["layerskip=none", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                    f"run_dir={tmp_path / 'run'}", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
+                    "model.n_kv_heads=1", "model.vocab_size=512", "model.multiple_of=16",
+                    "model.max_seq_len=32", "data.seq_len=16", "data.batch_size=4", "train.steps=4",
+                    "logging.every=2", "logging.tensorboard=false", "eval.every=0", "eval.batches=1",
+                    "checkpoint.interval=0", "checkpoint.save_final=false"])
+    assert cfg.experiment == "quickstart"
+    run_dir = run(cfg)
+    train = [r for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in (r := json.loads(line))]
+    assert [r["step"] for r in train] == [2, 4]
+    for record in train:
+        assert not [k for k in record if k.startswith("layerskip/drop_fraction/")], record
+        assert [k for k in record if k.startswith("loss/layer_")] == ["loss/layer_02"]
+        assert record["layerskip/exit_weight/layer_02"] == 1.0
+        assert record["layerskip/saved_block_compute"] == 0.0

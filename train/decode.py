@@ -15,8 +15,11 @@ Reports (table on stdout, --json, --plot):
    held-out text: acceptance rate, tokens/s, speedup over ordinary greedy decoding measured in the
    same process on the same prompts, and whether the outputs are identical (they must be; in
    bfloat16 rare near-ties may differ). --prompts 0 skips this.
-The plot has two panels: perplexity by E (log scale) and speedup by E with one line per d (colours
-listed on stdout and in the JSON); the dashed line is speedup 1.
+3. Hugging Face's own self-speculative decoding, `generate(..., assistant_early_exit=E)` with d
+   draft tokens per round, on the same prompts (needs the `hf` extra; --no-hf skips it): its
+   tokens/s beside ours, and whether its outputs equal its own greedy `generate` (and ours).
+The plot (drawn by train/report.py) has a panel per part: perplexity by E, acceptance
+rate and speedup over (E, d) as annotated heatmaps, and tokens/s of ours beside Hugging Face's.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,7 +38,6 @@ from train.data.tokenizer import load_tokenizer
 from train.hf import load_hf_model
 from train.inference import greedy_generate, self_speculative_generate
 from train.model import LayerSkipLlama
-from train.plot_png import COLOR_NAMES, Panel, write_png
 
 
 def resolve_hf_dir(path: str) -> Path:
@@ -91,7 +94,8 @@ def speculative_sweep(model: LayerSkipLlama, prompts: list[list[int]], exits: li
     self_speculative_generate(model, prompts[0], min(8, max_new_tokens), exits[0], drafts[0], eos_id)
     base = [greedy_generate(model, p, max_new_tokens, eos_id) for p in prompts]
     base_tokens, base_s = sum(len(g.tokens) for g in base), sum(g.wall_s for g in base)
-    result = {"greedy": {"tokens": base_tokens, "seconds": base_s, "tokens_per_s": base_tokens / base_s},
+    result = {"greedy": {"tokens": base_tokens, "seconds": base_s, "tokens_per_s": base_tokens / base_s,
+                         "outputs": [g.tokens for g in base]},
               "runs": []}
     for E in exits:
         for d in drafts:
@@ -106,6 +110,53 @@ def speculative_sweep(model: LayerSkipLlama, prompts: list[list[int]], exits: li
                 "tokens": tokens, "seconds": secs, "tokens_per_s": tps,
                 "speedup": tps / result["greedy"]["tokens_per_s"],
                 "identical": mismatched == 0, "mismatched_prompts": mismatched})
+    return result
+
+
+def hf_assisted_sweep(hf_dir: Path, prompts: list[list[int]], pairs: list[tuple[int, int]],
+                      max_new_tokens: int, eos_id: int | None, ours: list[list[int]], device: str,
+                      dtype: torch.dtype) -> dict:
+    """Hugging Face's `generate(..., assistant_early_exit=E)` (its LayerSkip candidate generator:
+    the first E layers of the same model draft, the whole model verifies) for every (E, d) in
+    `pairs`, d draft tokens per round (constant schedule, no confidence cut-off, as ours), and its
+    plain greedy `generate`, on the same prompts. `ours`: our greedy outputs, to compare with.
+    `model_calls` counts the forward calls of the model (each draft step and each verify pass)."""
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir)).to(device=device, dtype=dtype).eval()
+    config = model.generation_config
+    config.eos_token_id = eos_id  # None: never stop early, as --ignore-eos
+    config.pad_token_id = eos_id if eos_id is not None else 0
+    calls: list[int] = []
+    model.model.register_forward_hook(lambda *_: calls.append(1))
+
+    @torch.no_grad()
+    def generate(prompt: list[int], **kw) -> tuple[list[int], float]:
+        ids = torch.tensor([prompt], device=device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, **kw)
+        return out[0, ids.shape[1]:].tolist(), time.perf_counter() - t0
+
+    def timed(outputs: list[tuple[list[int], float]]) -> tuple[int, float]:
+        return sum(len(o) for o, _ in outputs), sum(s for _, s in outputs)
+
+    generate(prompts[0])  # warm-up
+    greedy = [generate(p) for p in prompts]
+    tokens, secs = timed(greedy)
+    result = {"greedy": {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
+                         "identical_to_ours": [o for o, _ in greedy] == ours}, "runs": []}
+    for E, d in pairs:
+        # The early-exit assistant reads these from the model's own generation config, not from
+        # generate()'s arguments (transformers 4.47-5.x).
+        config.num_assistant_tokens, config.num_assistant_tokens_schedule = d, "constant"
+        config.assistant_confidence_threshold = 0.0  # 0: no early stop of a draft
+        calls.clear()
+        runs = [generate(p, assistant_early_exit=E) for p in prompts]
+        tokens, secs = timed(runs)
+        result["runs"].append({
+            "exit": E, "draft": d, "tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs,
+            "speedup": tokens / secs / result["greedy"]["tokens_per_s"], "model_calls": len(calls),
+            "identical": [o for o, _ in runs] == [o for o, _ in greedy]})
     return result
 
 
@@ -132,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=16384, help="tokens for perplexity (0: skip)")
     ap.add_argument("--seq-len", type=int, default=512, help="perplexity window (capped at the context)")
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    ap.add_argument("--no-hf", action="store_true",
+                    help="skip Hugging Face's generate(assistant_early_exit=E) comparison")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args(argv)
@@ -180,21 +233,33 @@ def main(argv: list[str] | None = None) -> dict:
         if not all(r["identical"] for r in spec["runs"]):
             print("WARNING: some speculative outputs differ from greedy decoding", file=sys.stderr)
 
+        if not args.no_hf:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                print("\n(Hugging Face comparison skipped: transformers is not installed; "
+                      "pip install 'layerskip-titan[hf]')")
+            else:
+                hf = report["hf"] = hf_assisted_sweep(
+                    hf_dir, prompts, [(r["exit"], r["draft"]) for r in spec["runs"]], args.max_new_tokens,
+                    eos, spec["greedy"]["outputs"], args.device, getattr(torch, args.dtype))
+                ours = {(r["exit"], r["draft"]): r for r in spec["runs"]}
+                print(f"\nHugging Face generate(assistant_early_exit=E), same prompts; HF greedy "
+                      f"{hf['greedy']['tokens_per_s']:.1f} tokens/s (ours {g['tokens_per_s']:.1f}), "
+                      f"HF greedy output identical to ours: {hf['greedy']['identical_to_ours']}")
+                print(f"{'E':>3} {'d':>3} {'HF tok/s':>9} {'HF speedup':>10} {'ours tok/s':>10} "
+                      f"{'ours/HF':>8} {'identical':>9}")
+                for r in hf["runs"]:
+                    o = ours[(r["exit"], r["draft"])]
+                    r["ours_over_hf"] = o["tokens_per_s"] / r["tokens_per_s"]
+                    print(f"{r['exit']:>3} {r['draft']:>3} {r['tokens_per_s']:>9.1f} {r['speedup']:>9.2f}x "
+                          f"{o['tokens_per_s']:>10.1f} {r['ours_over_hf']:>7.2f}x {str(r['identical']):>9}")
+
     if args.plot:
-        panels = []
-        if "perplexity" in report:
-            rows = report["perplexity"]["layers"]
-            panels.append(Panel([([r["exit"] for r in rows], [r["perplexity"] for r in rows])], log_y=True))
-        if "speculative" in report:
-            runs = report["speculative"]["runs"]
-            series = [([r["exit"] for r in runs if r["draft"] == d], [r["speedup"] for r in runs if r["draft"] == d])
-                      for d in drafts]
-            panels.append(Panel(series, hline=1.0))
-        write_png(args.plot, panels)
-        colours = ", ".join(f"d={d}: {COLOR_NAMES[i % len(COLOR_NAMES)]}" for i, d in enumerate(drafts))
-        report["plot"] = {"file": args.plot, "panels": ["perplexity by exit E (log scale)",
-                                                         f"speedup by E ({colours}); dashed: 1x"]}
-        print(f"\nplot: {args.plot} (left: perplexity by exit E, log scale; right: speedup by E, {colours})")
+        from train.report import plot_decode
+        plot_decode(report, args.plot)
+        report["plot"] = args.plot
+        print(f"\nplot: {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

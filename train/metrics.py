@@ -2,7 +2,8 @@
 
 Keys are TensorBoard tags (`loss/total`, `loss/layer_03`, `val/loss/layer_03`, `throughput/tokens_per_s`,
 ...). The JSONL file also carries the short aliases other tools rely on: `step`, `loss`, `lr`,
-`tokens_per_s`, and `val/loss` at validation steps.
+`tokens_per_s`, and `val/loss` at validation steps. TensorBoard also gets a custom-scalars layout
+(`tensorboard_layout`, the CUSTOM SCALARS tab) overlaying every exit's curve of one quantity.
 """
 from __future__ import annotations
 
@@ -21,8 +22,22 @@ ALIASES = {"loss/total": "loss", "optim/lr": "lr", "throughput/tokens_per_s": "t
            "val/loss/final": "val/loss", "optim/grad_norm": "grad_norm"}
 
 
+def tensorboard_layout(n_layers: int) -> dict:
+    """TensorBoard custom-scalars layout: every exit's curve of one quantity overlaid in one chart
+    (one glance instead of 2L separate charts). Each tag is named exactly (anchored regex)."""
+    def tags(prefix: str) -> list[str]:
+        return [f"^{prefix}/layer_{l:02d}$" for l in range(n_layers)]
+    return {"LayerSkip: every exit": {
+        "training loss by exit": ["Multiline", tags("loss")],
+        "validation loss by exit": ["Multiline", tags("val/loss")],
+        "validation top-1 agreement with the final layer": ["Multiline", tags("val/agree")],
+        "layer-dropout rate by block": ["Multiline", tags("layerskip/drop_fraction")],
+        "early-exit loss weight by exit": ["Multiline", tags("layerskip/exit_weight")],
+    }}
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, n_layers: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -35,6 +50,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            if n_layers:
+                self._tb.add_custom_scalars(tensorboard_layout(n_layers))
 
     def log(self, step: int, values: dict[str, float], console: str | None = None) -> None:
         if not self.enabled:

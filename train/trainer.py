@@ -36,6 +36,7 @@ from train.checkpoint import CheckpointManager
 from train.config import Config, ConfigError, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
+from train.layerskip.agreement import with_agreement
 from train.layerskip.curriculum import ExitCurriculum
 from train.layerskip.dropout import LayerDropout
 from train.layerskip.exit_loss import make_exit_loss
@@ -107,23 +108,31 @@ def _write_run_assets(data, run_dir: Path) -> None:
 @torch.no_grad()
 def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, tp: int,
              dp_group) -> dict[str, float]:
-    """Mean loss (and perplexity) of every layer's exit over the held-out batches."""
+    """Mean loss (and perplexity) of every layer's exit over the held-out batches, and with
+    per_layer each exit's agreement with the final layer's top-1 (train/layerskip/agreement.py)."""
     was_training = model.training
     model.eval()
     layers = list(range(n_layers)) if per_layer else [n_layers - 1]
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    sums = torch.zeros(2 * len(layers) + 1, dtype=torch.float64)  # losses, agreeing tokens, tokens
     for inputs, labels in batches:
-        fn = make_exit_loss(labels, {l: 1.0 for l in layers}, chunk_tokens, tp_degree=tp)
+        fn = with_agreement(make_exit_loss(labels, {l: 1.0 for l in layers}, chunk_tokens, tp_degree=tp),
+                            chunk_tokens)
         with _loss_context(tp):
-            out = model(inputs, capture=[l for l in layers if l != n_layers - 1], loss_fn=fn)
-        sums += torch.tensor(torch.stack([out.per_layer[l] for l in layers]).tolist(), dtype=torch.float64)
-    means = all_reduce_mean({str(l): float(s) / len(batches) for l, s in zip(layers, sums)}, dp_group)
+            out, agree, tokens = model(inputs, capture=[l for l in layers if l != n_layers - 1], loss_fn=fn)
+        sums += torch.tensor(torch.stack([out.per_layer[l].double() for l in layers]
+                                         + [agree[l].double() for l in layers] + [tokens.double()]).tolist(),
+                             dtype=torch.float64)
+    local = {str(l): float(s) / len(batches) for l, s in zip(layers, sums)}
+    local.update({f"agree/{l}": float(a / sums[-1]) for l, a in zip(layers, sums[len(layers):-1])})
+    means = all_reduce_mean(local, dp_group)  # every DP rank counts the same number of tokens
     model.train(was_training)
     result = {}
     for l in layers:
         loss = means[str(l)]
         result[f"val/loss/layer_{l:02d}"] = loss
         result[f"val/ppl/layer_{l:02d}"] = math.exp(min(loss, 50.0))
+        if per_layer:
+            result[f"val/agree/layer_{l:02d}"] = means[f"agree/{l}"]
     result["val/loss/final"] = means[str(n_layers - 1)]
     return result
 
@@ -385,8 +394,11 @@ def validate(r: Run, val_batches: list, metrics: MetricsLogger) -> dict[str, flo
     if r.is_main:
         shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
                          for l in range(r.n_layers) if f"val/loss/layer_{l:02d}" in vals)
+        agree = " ".join(f"L{l}={vals[f'val/agree/layer_{l:02d}']:.2f}"
+                         for l in range(r.n_layers - 1) if f"val/agree/layer_{l:02d}" in vals)
         metrics.log(r.state.step, vals,
-                    console=f"step {r.state.step:>6} | val loss {vals['val/loss/final']:.4f} | {shown}")
+                    console=f"step {r.state.step:>6} | val loss {vals['val/loss/final']:.4f} | {shown}"
+                            + (f" | top-1 agreement {agree}" if agree else ""))
     return vals
 
 
@@ -421,7 +433,8 @@ def train_loop(r: Run) -> Path:
     checkpoint. Returns the run directory."""
     cfg = r.cfg
     tp = throughput_model(r)
-    metrics = MetricsLogger(r.run_dir, enabled=r.is_main, tensorboard=cfg.logging.tensorboard)
+    metrics = MetricsLogger(r.run_dir, enabled=r.is_main, tensorboard=cfg.logging.tensorboard,
+                            n_layers=r.n_layers)
     val_batches = [(i.to(r.device), y.to(r.device)) for i, y in r.data.val_batches(cfg.eval.batches)]
     step_tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * r.dims.dp_world
     try:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 
 from train.config import ModelConfig
 from train.inference import CachedLlama, greedy_generate, self_speculative_generate
-from tests.train._models import one_thread, random_model  # noqa: F401
+from tests.train._models import exported_random_model, one_thread, random_model, sentencepiece_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,35 +64,15 @@ def test_self_speculative_output_is_identical_to_greedy():
         self_speculative_generate(model, [1], 5, exit_layer=CFG.n_layers, draft_len=2)
 
 
-def _png_pixels(path: Path) -> tuple[int, int, bytes]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (n,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body)
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + n
-    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
-    return w, h, zlib.decompress(chunks[b"IDAT"])
-
-
 def test_decode_cli_end_to_end(tmp_path):
     pytest.importorskip("safetensors")
-    spm = pytest.importorskip("sentencepiece")
     from train.decode import main
-    from train.hf import export_hf
     text = Path(ROOT, "train/inference.py").read_text() + Path(ROOT, "train/model.py").read_text()
-    (tmp_path / "corpus.txt").write_text(text)
-    spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), model_type="bpe",
-        vocab_size=400, hard_vocab_limit=False, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=3, minloglevel=2)
+    sp_model = sentencepiece_model(tmp_path, text)
     run = tmp_path / "run"
     # No tokenizer conversion (that needs transformers): the CLI itself only reads tokenizer.model.
-    export_hf(random_model(CFG).state_dict(), CFG, run / "hf", None, torch.float32, heldout_text=text)
-    shutil.copy(tmp_path / "sp.model", run / "hf" / "tokenizer.model")
+    exported_random_model(run / "hf", CFG, text)
+    shutil.copy(sp_model, run / "hf" / "tokenizer.model")
 
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     main(["--model", str(run), "--json", str(out_json), "--plot", str(out_png), "--exits", "1,3",
@@ -107,8 +85,16 @@ def test_decode_cli_end_to_end(tmp_path):
     runs = report["speculative"]["runs"]
     assert [(r["exit"], r["draft"]) for r in runs] == [(1, 2), (1, 3), (3, 2), (3, 3)]
     assert all(r["identical"] and r["speedup"] > 0 for r in runs)
-    w, h, pixels = _png_pixels(out_png)
-    assert len(pixels) == h * (1 + 3 * w) and len(set(pixels)) > 2  # RGB rows, something drawn
+    # Hugging Face's generate(assistant_early_exit=E) on the same prompts and (E, d): its greedy
+    # output is ours, and its self-speculative output its own greedy output.
+    hf = report["hf"]
+    assert [(r["exit"], r["draft"]) for r in hf["runs"]] == [(1, 2), (1, 3), (3, 2), (3, 3)]
+    assert hf["greedy"]["identical_to_ours"] and all(r["identical"] and r["tokens_per_s"] > 0 for r in hf["runs"])
+    calls = {(r["exit"], r["draft"]): r["model_calls"] for r in hf["runs"]}
+    assert calls[(1, 3)] > calls[(1, 2)] and calls[(3, 3)] > calls[(3, 2)]  # d really drafts d tokens a round
+    from PIL import Image
+    with Image.open(out_png) as im:  # a real PNG with four panels' worth of width, not blank
+        assert im.format == "PNG" and im.width > 2 * im.height and len(im.convert("L").getcolors(1 << 16)) > 10
 
     with pytest.raises(SystemExit, match="train.export"):
         main(["--model", str(tmp_path / "nowhere")])
