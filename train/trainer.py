@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.dims import ParallelDims
-from parallel.distributed import all_reduce_mean, barrier, clip_grad_norm_, destroy, init_distributed
+from parallel.distributed import all_reduce_mean, clip_grad_norm_, destroy, init_distributed
 from parallel.parallelize import load_full_state_dict, parallelize
 from train.checkpoint import CheckpointManager
 from train.config import Config, ConfigError, to_dict
@@ -158,8 +158,7 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
         if hf_tokenizer.is_file():
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(hf_tokenizer)))
     data = build_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
-                      dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main,
-                      barrier=barrier)
+                      dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main)
 
     if is_main:
         _write_run_assets(data, run_dir)
@@ -211,11 +210,16 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                  cfg.model.name, n_params / 1e6, L, world, dims.dp_world, dims.tp, peak / 1e12, peak_src)
     metrics = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard)
     val_batches = [(i.to(device), y.to(device)) for i, y in data.val_batches(cfg.eval.batches)]
+    source_val = {name: [(i.to(device), y.to(device)) for i, y in batches]  # mixtures: per source
+                  for name, batches in data.source_val_batches(cfg.eval.batches).items()}
     fsdp = isinstance(model, FSDPModule)
 
     def validate(step: int) -> dict[str, float]:
         vals = evaluate(model, val_batches, L, cfg.eval.per_layer, cfg.layerskip.exit.chunk_tokens,
                         dims.tp, dp_group)
+        for name, batches in source_val.items():
+            vals[f"val/loss/source/{name}"] = evaluate(model, batches, L, False, cfg.layerskip.exit.chunk_tokens,
+                                                       dims.tp, dp_group)["val/loss/final"]
         if is_main:
             shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
                              for l in range(L) if f"val/loss/layer_{l:02d}" in vals)
@@ -295,7 +299,7 @@ def _run(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
                           "throughput/tokens_per_s": tps, "throughput/mfu_pct": 100 * mfu,
                           "throughput/step_time_s": step_time, "throughput/tokens_seen": state.tokens_seen,
                           "layerskip/saved_block_compute": 1.0 - sum(window_kept) / (L * window_steps),
-                          **memory_stats(device)}
+                          **memory_stats(device), **data.train_tokens_by_source()}
                 for l, seen in sorted(window_exits.items()):
                     values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
                     values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
