@@ -312,10 +312,11 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from train.__main__ import RECIPES
     from train.config import ConfigError, load_config, register_schemas
 
-    @hydra.main(version_base="1.3", config_path=RECIPES, config_name="train")
+    recipes = str(Path(__file__).resolve().parents[2] / "recipes")  # not train.__main__: it imports torch
+
+    @hydra.main(version_base="1.3", config_path=recipes, config_name="train")
     def _main(raw: DictConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S", force=True)
