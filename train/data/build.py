@@ -109,7 +109,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
     tokenizer.check_fits(vocab_size)
 
     W, G = cfg.seq_len + 1, cfg.batch_size * dp_world
-    label = cfg.source if not cfg.mixture else "data.mixture"
+    label = f"data.source={cfg.source}" if not cfg.mixture else "data.mixture"
     train_streams = [s.splits["train"] for s in sources]
     val_streams = [s.splits["val"] for s in sources]
     for i, (src, stream) in enumerate(zip(sources, train_streams)):
@@ -130,7 +130,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
     n_train = train.num_sequences
     n_val = sum(s.num_windows(W) for s in val_streams)
     val_fraction = sources[0].manifest["val_fraction"]
-    where = (f"data.source={label} gives {sum(s.num_tokens for s in train_streams)} train tokens = "
+    where = (f"{label} gives {sum(s.num_tokens for s in train_streams)} train tokens = "
              f"{n_train} train + {n_val} validation sequences of data.seq_len+1={W} tokens")
     if n_train < G:
         raise DataError(f"{where}; one global batch needs {G} train sequences (data.batch_size="
