@@ -260,3 +260,38 @@ def test_bad_data_fails_naming_the_file_or_key(mixture, corpus, tokenizer_path, 
     with pytest.raises(ValueError, match=f"the data in {damaged} changed since the checkpoint"):
         changed.train.load_state_dict(state)
 
+
+
+def _train_cfg(mixture: dict[str, Path], run_dir: Path, steps: int):
+    from hydra import compose, initialize_config_dir
+
+    from train.config import load_config, register_schemas
+    register_schemas()
+    mix = "[" + ", ".join(f"{{path: {p}, weight: {w}}}" for p, w in zip(mixture.values(), (0.7, 0.3))) + "]"
+    overrides = [f"data.mixture={mix}", f"run_dir={run_dir}", "model.dim=32", "model.n_layers=2",
+                 "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=320", "model.multiple_of=16",
+                 "model.max_seq_len=32", "data.seq_len=16", "data.batch_size=4", f"train.steps={steps}",
+                 "optim.warmup_steps=1", "logging.every=1", "eval.every=2", "eval.batches=1",
+                 "checkpoint.interval=2", "checkpoint.keep=5", "logging.tensorboard=false"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).parents[2] / "recipes")):
+        return load_config(compose("train", overrides=overrides))
+
+
+def test_training_on_a_mixture_logs_sources_and_resumes_exactly(mixture, tmp_path):
+    """Through the trainer: tokens per source and each source's validation loss are logged;
+    4 straight steps equal 2 steps + resume + 2 steps."""
+    from train.trainer import run
+    straight = run(_train_cfg(mixture, tmp_path / "straight", 4))
+    records = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in records if "loss" in r}
+    val = [r for r in records if "val/loss" in r]
+    assert train[4]["data/tokens/web"] + train[4]["data/tokens/code"] == 4 * 4 * 16
+    assert train[4]["data/tokens/code"] == round(0.3 * 16) * 16  # 16 samples: 5 of code (slot table)
+    assert {"val/loss/source/web", "val/loss/source/code"} <= set(val[-1])
+
+    resumed = tmp_path / "resumed"  # the straight run as it was when stopped after step 2
+    shutil.copytree(straight / "checkpoints" / "step-0000002", resumed / "checkpoints" / "step-0000002")
+    run(_train_cfg(mixture, resumed, 4))
+    again = {r["step"]: r["loss"] for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r}
+    assert [again[s] for s in (3, 4)] == [train[s]["loss"] for s in (3, 4)]
