@@ -15,7 +15,7 @@ import torch
 
 from train.config import DataConfig
 from train.data import DataError, Tokenizer, build_data
-from train.data.shards import is_held_out
+from train.data.shards import UNIT_BYTES, is_held_out
 from train.data.sources import open_corpus
 from train.data.tokenizer import train_tokenizer
 
@@ -182,15 +182,21 @@ def _windows(data, split: str) -> np.ndarray:
 def test_packing_and_split_against_a_reference(corpus, tokenizer, tmp_path):
     cfg = _cfg(corpus, tokenizer, tmp_path)
     data = build_data(cfg, vocab_size=512, seed=0)
-    # Reference: each document (a small .txt file: one unit) is BOS doc EOS; a document is held
-    # out iff the hash of its path is below val_fraction; each split's documents are concatenated
-    # in corpus order and cut into non-overlapping windows of seq_len + 1.
+    # Reference: a .txt file is one document, BOS text EOS, whose lines are grouped into units by
+    # the 1 KiB block their first byte is in; a unit is held out iff the hash of (file, block) is
+    # below val_fraction; each split's units are concatenated in corpus order and cut into
+    # non-overlapping windows of seq_len + 1.
     W = cfg.seq_len + 1
     streams = {"train": [], "val": []}
-    docs = list(zip(open_corpus(str(corpus)).files, open_corpus(str(corpus)).documents()))
-    for path, doc in docs:
-        split = "val" if is_held_out(path.name, 0, cfg.val_fraction) else "train"
-        streams[split] += [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
+    for path in open_corpus(str(corpus)).files:
+        units, offset = {}, 0
+        for line in path.read_text().splitlines(keepends=True):
+            units.setdefault(offset // UNIT_BYTES, []).append(line)
+            offset += len(line.encode())
+        for n, (block, lines) in enumerate(units.items()):
+            ids = tokenizer.encode("".join(lines))
+            ids = [tokenizer.bos_id] * (n == 0) + ids + [tokenizer.eos_id] * (n == len(units) - 1)
+            streams["val" if is_held_out(path.name, block, cfg.val_fraction) else "train"] += ids
     for split in ("train", "val"):
         ref = np.array(streams[split][:len(streams[split]) // W * W]).reshape(-1, W)
         assert np.array_equal(_windows(data, split), ref), split

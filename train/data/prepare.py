@@ -34,6 +34,7 @@ array or torchrun): no scheduler of ours, no network between tasks, only the sha
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -110,20 +111,22 @@ def write_shard(job: ShardJob) -> dict:
     batch, batch_chars = [], 0
 
     def flush() -> None:
-        for unit, ids in zip(batch, tok.encode_batch([u.text for u in batch], num_threads=job.threads)):
+        encoded = tok.encode_batch([u.text for u in batch], num_threads=job.threads)
+        rows: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        for unit, ids in zip(batch, encoded):
             split = "val" if unit.val else "train"
-            row = np.empty(len(ids) + unit.bos + unit.eos, dtype=dtype)
-            row[unit.bos:len(row) - unit.eos] = ids
-            if unit.bos:
-                row[0] = tok.bos_id
+            row = [tok.bos_id, *ids] if unit.bos else ids
             if unit.eos:
-                row[-1] = tok.eos_id
-            files[split].write(row.tobytes())
+                row.append(tok.eos_id)
+            rows[split].append(row)
             c = counts[split]
             c["tokens"] += len(row)
             c["units"] += 1
             c["characters"] += len(unit.text)
             ends[split].append(c["tokens"])
+        for split, these in rows.items():  # one conversion and one write per split and batch
+            n = sum(map(len, these))
+            files[split].write(np.fromiter(itertools.chain.from_iterable(these), dtype, n).tobytes())
         batch.clear()
 
     try:

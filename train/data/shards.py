@@ -13,8 +13,8 @@ the output never depends on how the work was divided.
 
 Units: the pieces of text that are tokenized and held out. A .jsonl record or .parquet row is one
 unit and one document: BOS + tokens + EOS. A plain-text file (.txt, .py) is one document whose lines
-are grouped into units by aligned blocks of `UNIT_BYTES` (the lines starting in block j form unit
-j): BOS precedes its first unit and EOS follows its last, so its train units concatenate back into
+are grouped into units by aligned blocks of `UNIT_BYTES` = 1 KiB (the lines starting in block j form
+unit j; small, so that even a corpus of one small file holds out a few of them): BOS precedes its first unit and EOS follows its last, so its train units concatenate back into
 the file's tokens, and a single large text file still gives held-out text from all over it. The
 document index of a shard lists where each unit's tokens end.
 
@@ -34,7 +34,7 @@ from train.data.sources import COMPRESSED, Corpus, DataError, open_binary, parse
 
 log = logging.getLogger(__name__)
 
-UNIT_BYTES = 4096  # plain text: lines starting in one aligned block of this many bytes form a unit
+UNIT_BYTES = 1024  # plain text: lines starting in one aligned block of this many bytes form a unit
 
 
 @dataclass(frozen=True)
