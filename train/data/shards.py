@@ -116,27 +116,44 @@ def read_units(corpus: Corpus, piece: Piece, val_fraction: float) -> Iterator[Un
             if text:
                 yield Unit(text, is_held_out(rel, offset, val_fraction), True, True)
         return
+    base, data = _text_bytes(path, piece)
     if corpus.is_stdlib:  # a source file we cannot decode is skipped: the user cannot fix it
         try:
-            path.read_bytes()[piece.start:piece.end].decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError as e:
             log.warning("skipping %s: not UTF-8 (%s)", path, e.reason)
             return
-    block, lines, first = -1, [], piece.start == 0
-    for offset, raw in _lines(path, piece):
-        if offset // UNIT_BYTES != block and lines:
-            yield _text_unit(path, rel, block, lines, val_fraction, first, False)
-            first = False
-            lines = []
-        block = offset // UNIT_BYTES
-        lines.append(raw)
-    if lines:
-        yield _text_unit(path, rel, block, lines, val_fraction, first, piece.last)
+    # Unit boundaries: the first line start at or after each block boundary (one find per unit,
+    # not a Python step per line).
+    a, n = 0, len(data)
+    while a < n:
+        block = (base + a) // UNIT_BYTES
+        nl = data.find(b"\n", (block + 1) * UNIT_BYTES - base - 1)
+        b = n if nl < 0 else nl + 1
+        yield _text_unit(path, rel, block, data[a:b], val_fraction, base + a == 0, b == n and piece.last)
+        a = b
 
 
-def _text_unit(path: Path, rel: str, block: int, lines: list[bytes], val_fraction: float,
+def _text_bytes(path: Path, piece: Piece) -> tuple[int, bytes]:
+    """(offset, bytes) of the lines starting in [piece.start, piece.end), whole: a piece starting inside
+    a line leaves that line to the previous piece; one ending inside a line (the next range, or
+    the max_chars cap) finishes it (never half a UTF-8 character)."""
+    with open(path, "rb") as fh:
+        start = piece.start
+        if start > 0:
+            fh.seek(start - 1)
+            if fh.read(1) != b"\n":
+                start += len(fh.readline())
+        if start >= piece.end:
+            return start, b""
+        data = fh.read(piece.end - start)
+        if data and not data.endswith(b"\n"):
+            data += fh.readline()
+        return start, data
+
+
+def _text_unit(path: Path, rel: str, block: int, raw: bytes, val_fraction: float,
                bos: bool, eos: bool) -> Unit:
-    raw = b"".join(lines)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
