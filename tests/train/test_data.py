@@ -15,6 +15,7 @@ import torch
 
 from train.config import DataConfig
 from train.data import DataError, Tokenizer, build_data
+from train.data.build import auto_prepared_dir
 from train.data.shards import UNIT_BYTES, is_held_out
 from train.data.sources import open_corpus
 from train.data.tokenizer import train_tokenizer
@@ -230,8 +231,14 @@ def test_too_little_data_is_a_clear_error(corpus, tokenizer, tmp_path):
 def test_other_ranks_wait_for_the_main_rank(corpus, tokenizer, tmp_path):
     """No collective: the other ranks poll for the manifest, with a deadline and a clear error."""
     cfg = _cfg(corpus, tokenizer, tmp_path, prepare_wait_s=0.5)
-    with pytest.raises(DataError, match=r"waited 0 s \(data.prepare_wait_s\).*shared by all ranks.*"
-                                        r"python -m train.data.prepare data.source="):
+    with pytest.raises(DataError, match=r"main rank has neither prepared nor started to prepare .*"
+                                        r"data.cache_dir must be one folder shared by all ranks"):
+        build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    # The main rank has started (its marker is there) but is slow: wait up to data.prepare_wait_s.
+    folder = auto_prepared_dir(cfg, open_corpus(str(corpus)), tokenizer, 512)
+    Path(f"{folder}.preparing").write_text("another host")
+    with pytest.raises(DataError, match=r"waited 0 s \(data.prepare_wait_s\) for the main rank .*"
+                                        r"Or prepare it beforehand: python -m train.data.prepare data.source="):
         build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
     main = build_data(cfg, vocab_size=512, seed=0, dp_world=2)
     data = build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)

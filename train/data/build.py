@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,13 @@ from train.data.loader import Batch, TrainLoader, ValSplit
 from train.data.prepare import (FORMAT_VERSION, _digest, is_prepared, prepare_command,
                                 prepare_dataset, tokenizer_cache_path)
 from train.data.shards import plan_shards
-from train.data.sources import DataError, open_corpus
+from train.data.sources import Corpus, DataError, open_corpus
 from train.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.5
+_SHOW_UP_S = 120.0  # the main rank marks that it is preparing within this (or the cache is not shared)
 
 
 @dataclass
@@ -176,14 +178,14 @@ def _auto_prepared(cfg: DataConfig, vocab_size: int, given: Tokenizer | None, is
             f"data.max_auto_prepare_bytes={cfg.max_auto_prepare_bytes} prepares at start-up. Prepare it "
             f"once, in parallel, and train on the result:\n  "
             f"{prepare_command(cfg.source, cfg, vocab_size)}\nthen set data.source=<that prepare.out>")
-    tok_key = given.digest if given else ["trained", vocab_size]
-    key = _digest("prepared", FORMAT_VERSION, corpus.identity(), tok_key, cfg.max_chars,
-                  cfg.val_fraction, shard_bytes)
-    folder = Path(cfg.cache_dir) / f"prepared-{key}"
+    folder = auto_prepared_dir(cfg, corpus, given, vocab_size)
     failed = folder.with_name(folder.name + ".failed")
+    started = folder.with_name(folder.name + ".preparing")
     if is_main:
         if not is_prepared(folder):
             failed.unlink(missing_ok=True)
+            started.parent.mkdir(parents=True, exist_ok=True)
+            started.write_text(f"{socket.gethostname()} pid {os.getpid()}\n")
             try:
                 tok_path = given.path if given else _trained_tokenizer(cfg, corpus, vocab_size)
                 log.info("preparing data.source=%s (%d files, %.1f MB) into %s", cfg.source,
@@ -193,22 +195,37 @@ def _auto_prepared(cfg: DataConfig, vocab_size: int, given: Tokenizer | None, is
                                        threads=len(os.sched_getaffinity(0)))
                 log.info("prepared %s tokens in %.1f s", f"{done.tokens:,}", done.seconds)
             except BaseException as e:  # tell the waiting ranks at once
-                failed.parent.mkdir(parents=True, exist_ok=True)
                 failed.write_text(f"{type(e).__name__}: {e}")
                 raise
+            finally:
+                started.unlink(missing_ok=True)
         return folder
     t0 = time.time()
     while not is_prepared(folder):
         if failed.is_file() and failed.stat().st_mtime >= t0 - 60:
             raise DataError(f"the main rank failed to prepare data.source={cfg.source} into {folder}: "
                             f"{failed.read_text()}")
-        if time.time() - t0 > cfg.prepare_wait_s:
+        waited = time.time() - t0
+        if waited > min(cfg.prepare_wait_s, _SHOW_UP_S) and not started.is_file():
+            raise DataError(f"after {waited:.0f} s the main rank has neither prepared nor started to prepare "
+                            f"data.source={cfg.source} in {folder} as this rank sees it: data.cache_dir "
+                            f"must be one folder shared by all ranks (on several nodes: a shared file system)")
+        if waited > cfg.prepare_wait_s:
             raise DataError(f"waited {cfg.prepare_wait_s:.0f} s (data.prepare_wait_s) for the main rank to "
                             f"prepare data.source={cfg.source} into {folder}; data.cache_dir must be shared "
                             f"by all ranks. Or prepare it beforehand: "
                             f"{prepare_command(cfg.source, cfg, vocab_size)}")
         time.sleep(_POLL_S)
     return folder
+
+
+def auto_prepared_dir(cfg: DataConfig, corpus: Corpus, given: Tokenizer | None, vocab_size: int) -> Path:
+    """The cache folder of raw source `corpus`: its files (paths, sizes, times), the tokenizer (the
+    given file's digest, or "trained with vocab_size"), max_chars and val_fraction."""
+    tok_key = given.digest if given else ["trained", vocab_size]
+    key = _digest("prepared", FORMAT_VERSION, corpus.identity(), tok_key, cfg.max_chars,
+                  cfg.val_fraction, PrepareConfig().shard_bytes)
+    return Path(cfg.cache_dir) / f"prepared-{key}"
 
 
 def _trained_tokenizer(cfg: DataConfig, corpus, vocab_size: int) -> Path:
