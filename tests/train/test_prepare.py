@@ -295,3 +295,17 @@ def test_training_on_a_mixture_logs_sources_and_resumes_exactly(mixture, tmp_pat
     again = {r["step"]: r["loss"] for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
              if "loss" in r}
     assert [again[s] for s in (3, 4)] == [train[s]["loss"] for s in (3, 4)]
+
+
+def test_task_slot_defaults_from_slurm_array_then_torchrun(monkeypatch):
+    for k in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert prep.task_slot(None, None) == (1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "3")
+    assert prep.task_slot(None, None) == (8, 3)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")  # --array=5-8
+    assert prep.task_slot(None, None) == (4, 2)
+    assert prep.task_slot(2, 1) == (2, 1)  # the keys win

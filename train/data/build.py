@@ -33,7 +33,7 @@ import torch
 from train.config import DataConfig, PrepareConfig
 from train.data.dataset import PreparedDataset
 from train.data.loader import Batch, TrainLoader, ValSplit
-from train.data.prepare import (FORMAT_VERSION, _digest, is_prepared, prepare_command,
+from train.data.prepare import (FORMAT_VERSION, cache_key, is_prepared, prepare_command,
                                 prepare_dataset, tokenizer_cache_path)
 from train.data.shards import plan_shards
 from train.data.sources import Corpus, DataError, open_corpus
@@ -223,7 +223,7 @@ def auto_prepared_dir(cfg: DataConfig, corpus: Corpus, given: Tokenizer | None, 
     """The cache folder of raw source `corpus`: its files (paths, sizes, times), the tokenizer (the
     given file's digest, or "trained with vocab_size"), max_chars and val_fraction."""
     tok_key = given.digest if given else ["trained", vocab_size]
-    key = _digest("prepared", FORMAT_VERSION, corpus.identity(), tok_key, cfg.max_chars,
+    key = cache_key("prepared", FORMAT_VERSION, corpus.identity(), tok_key, cfg.max_chars,
                   cfg.val_fraction, PrepareConfig().shard_bytes)
     return Path(cfg.cache_dir) / f"prepared-{key}"
 

@@ -38,10 +38,9 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -71,11 +70,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def tokenizer_cache_path(cache_dir: Path, corpus: Corpus, vocab_size: int,
                          max_chars: int | None) -> Path:
     """Where the tokenizer trained for this corpus and vocabulary size is kept."""
-    key = _digest("tokenizer", corpus.identity(), vocab_size, max_chars)
+    key = cache_key("tokenizer", corpus.identity(), vocab_size, max_chars)
     return Path(cache_dir) / f"tokenizer-{key}.model"
 
 
-def _digest(*parts: object) -> str:
+def cache_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -187,34 +186,35 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
              task_id, num_tasks, len(jobs), total_bytes / 1e6, workers)
     bar = _progress_bar(total_bytes, progress)
     tokens = docs = 0
+    pool = None
     try:
         if workers <= 1 or len(jobs) <= 1:
             results = map(write_shard, jobs)
-            pool = None
         else:  # spawn: workers start clean (no inherited threads); they import no torch
             pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"))
-            results = pool.map(write_shard, jobs)
+            results = (f.result() for f in as_completed([pool.submit(write_shard, j) for j in jobs]))
         for record in results:
-            n = record["train"]["tokens"] + record["val"]["tokens"]
-            tokens += n
+            tokens += record["train"]["tokens"] + record["val"]["tokens"]
             docs += record["train"]["units"] + record["val"]["units"]
             if bar is not None:
                 bar.update(record["bytes"])
                 rate = tokens / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix_str(f"{docs:,} docs, {tokens / 1e6:,.1f}M tokens, {rate / 1e3:,.0f}k tok/s")
-        if pool is not None:
-            pool.shutdown()
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
-    manifest = finalize(out, corpus, required=False)
+    manifest = finalize(out, required=False)
     return Prepared(manifest, len(jobs), len(shards), tokens, time.perf_counter() - t0)
 
 
-def finalize(out: Path, corpus: Corpus | None = None, *, required: bool = True) -> dict | None:
+def finalize(out: Path, *, required: bool = True) -> dict | None:
     """Write `out`'s manifest from its plan and shard markers if every shard is done. With
     `required`, a shard still missing is an error naming it; without, None is returned."""
     out = Path(out)
+    if not (out / "plan.json").is_file():
+        raise DataError(f"prepare.out={out} holds no prepare (no plan.json): run the prepare tasks first")
     plan = json.loads((out / "plan.json").read_text())
     missing = [k for k in range(plan["shards"]) if not _done(out, k)]
     if missing:
