@@ -57,8 +57,8 @@ def large_copy(small: Path, out: Path, min_bytes: float) -> dict:
 def time_to_first_step(data: Path, run_dir: Path) -> float:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "train", f"data.source={data}", f"run_dir={run_dir}", "train.steps=1",
-           "eval.every=0", "logging.every=1", "logging.tensorboard=false", "checkpoint.interval=0",
-           "checkpoint.save_final=false", "data.num_workers=0"]
+           "model.vocab_size=8192", "eval.every=0", "logging.every=1", "logging.tensorboard=false",
+           "checkpoint.interval=0", "checkpoint.save_final=false", "data.num_workers=0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
