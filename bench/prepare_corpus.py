@@ -8,6 +8,7 @@ trained on a sample of it, like the quickstart's. Both are cached in the work fo
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -93,16 +94,23 @@ def run_prepare(source: Path, tok: Path, out: Path, workers: int, shard_bytes: i
            "model.vocab_size=8192", "data.max_chars=null", "data.val_fraction=0.01", f"prepare.out={out}",
            f"prepare.workers={workers}", f"prepare.shard_bytes={shard_bytes}", "prepare.progress=false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rss = TreeRSS(proc.pid)
     output = proc.communicate()[0]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     peak = rss.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"prepare failed:\n{output[-3000:]}")
     line = next(l for l in output.splitlines() if l.startswith("task 0/1:"))
     seconds = float(line.split(" tokens in ")[1].split(" s ")[0])
     tokens = int(line.split(" shards, ")[1].split(" tokens")[0].replace(",", ""))
-    return {"workers": workers, "tokens": tokens, "prepare_s": seconds, "wall_s": wall,
-            "tokens_per_s": tokens / seconds, "peak_rss_mib": peak / 2**20}
+    return {"workers": workers, "tokens": tokens, "prepare_s": seconds, "wall_s": wall, "cpu_s": cpu,
+            "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu, "peak_rss_mib": peak / 2**20}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for child processes and their descendants so far:
+    start-up included, so a rate from it is a lower bound (less disturbed by a busy machine)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
