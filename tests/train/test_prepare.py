@@ -309,3 +309,17 @@ def test_task_slot_defaults_from_slurm_array_then_torchrun(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")  # --array=5-8
     assert prep.task_slot(None, None) == (4, 2)
     assert prep.task_slot(2, 1) == (2, 1)  # the keys win
+
+
+def test_text_read_in_chunks_gives_the_same_units(corpus, monkeypatch):
+    """Plain text is read a few MiB at a time; chunk edges must not change a unit."""
+    from train.data import shards
+    raw = open_corpus(str(corpus))
+    big = raw.files.index(corpus / "big.txt")
+    pieces = [shards.Piece(big, 0, 70_000, False), shards.Piece(big, 70_000, (corpus / "big.txt").stat().st_size, True)]
+    whole = [u for p in pieces for u in shards.read_units(raw, p, 0.3)]
+    for chunk in (1000, 4099, 65_536):
+        monkeypatch.setattr(shards, "_CHUNK_BYTES", chunk)
+        assert [u for p in pieces for u in shards.read_units(raw, p, 0.3)] == whole, chunk
+    assert "".join(u.text for u in whole) == (corpus / "big.txt").read_text()
+    assert whole[0].bos and whole[-1].eos and sum(u.bos or u.eos for u in whole) == 2

@@ -35,6 +35,7 @@ from train.data.sources import COMPRESSED, Corpus, DataError, open_binary, parse
 log = logging.getLogger(__name__)
 
 UNIT_BYTES = 1024  # plain text: lines starting in one aligned block of this many bytes form a unit
+_CHUNK_BYTES = 4 << 20  # plain text is read this many bytes at a time
 
 
 @dataclass(frozen=True)
@@ -116,40 +117,62 @@ def read_units(corpus: Corpus, piece: Piece, val_fraction: float) -> Iterator[Un
             if text:
                 yield Unit(text, is_held_out(rel, offset, val_fraction), True, True)
         return
-    base, data = _text_bytes(path, piece)
+    chunks = _text_chunks(path, piece)
     if corpus.is_stdlib:  # a source file we cannot decode is skipped: the user cannot fix it
+        chunks = list(chunks)  # (standard-library files are small)
         try:
-            data.decode("utf-8")
+            for _, data, _ in chunks:
+                data.decode("utf-8")
         except UnicodeDecodeError as e:
             log.warning("skipping %s: not UTF-8 (%s)", path, e.reason)
             return
-    # Unit boundaries: the first line start at or after each block boundary (one find per unit,
-    # not a Python step per line).
-    a, n = 0, len(data)
-    while a < n:
-        block = (base + a) // UNIT_BYTES
-        nl = data.find(b"\n", (block + 1) * UNIT_BYTES - base - 1)
-        b = n if nl < 0 else nl + 1
-        yield _text_unit(path, rel, block, data[a:b], val_fraction, base + a == 0, b == n and piece.last)
-        a = b
+    for base, data, final in chunks:
+        # Unit boundaries: the first line start at or after each block boundary (one search per
+        # unit, not a Python step per line).
+        a, n = 0, len(data)
+        while a < n:
+            block = (base + a) // UNIT_BYTES
+            nl = data.find(b"\n", (block + 1) * UNIT_BYTES - base - 1)
+            b = n if nl < 0 else nl + 1
+            yield _text_unit(path, rel, block, data[a:b], val_fraction, base + a == 0,
+                             b == n and final and piece.last)
+            a = b
 
 
-def _text_bytes(path: Path, piece: Piece) -> tuple[int, bytes]:
-    """(offset, bytes) of the lines starting in [piece.start, piece.end), whole: a piece starting inside
-    a line leaves that line to the previous piece; one ending inside a line (the next range, or
-    the max_chars cap) finishes it (never half a UTF-8 character)."""
+def _text_chunks(path: Path, piece: Piece) -> Iterator[tuple[int, bytes, bool]]:
+    """(offset, bytes, final) of the lines starting in [piece.start, piece.end), read _CHUNK_BYTES
+    at a time (bounded memory), each chunk but the last ending at a unit boundary. A piece starting
+    inside a line leaves that line to the previous piece; one ending inside a line (the next range,
+    or the max_chars cap) finishes it (never half a UTF-8 character)."""
     with open(path, "rb") as fh:
         start = piece.start
         if start > 0:
             fh.seek(start - 1)
             if fh.read(1) != b"\n":
                 start += len(fh.readline())
-        if start >= piece.end:
-            return start, b""
-        data = fh.read(piece.end - start)
-        if data and not data.endswith(b"\n"):
-            data += fh.readline()
-        return start, data
+        offset, pos, carry = start, start, b""
+        while pos < piece.end:
+            data = fh.read(min(_CHUNK_BYTES, piece.end - pos))
+            if not data:  # the file shrank since planning
+                buf = carry
+                break
+            pos += len(data)
+            buf = carry + data
+            if pos >= piece.end:
+                break
+            # cut at the first line start at or after the last block boundary inside buf
+            boundary = (offset + len(buf)) // UNIT_BYTES * UNIT_BYTES
+            nl = buf.find(b"\n", boundary - offset - 1) if boundary > offset else -1
+            cut = nl + 1 if nl >= 0 else 0
+            if cut:
+                yield offset, buf[:cut], False
+            offset, carry = offset + cut, buf[cut:]
+        else:
+            buf = carry
+        if buf and not buf.endswith(b"\n"):
+            buf += fh.readline()
+        if buf:
+            yield offset, buf, True
 
 
 def _text_unit(path: Path, rel: str, block: int, raw: bytes, val_fraction: float,
