@@ -1,6 +1,6 @@
 """`python -m train.data.prepare`: tokenize a corpus once, in parallel, into a prepared dataset.
 
-    python -m train.data.prepare data.source=/corpus data.tokenizer=/llama2/tokenizer.model \\
+    python -m train.data.prepare data=files data.source=/corpus data.tokenizer=/llama2/tokenizer.model \\
         model.vocab_size=32000 prepare.out=/data/corpus-llama2 [prepare.workers=N]
         [prepare.num_tasks=T prepare.task_id=K]
 
@@ -178,6 +178,11 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
     shards = plan_shards(corpus, sizes, shard_bytes, max_chars)
     if not shards:
         raise DataError(f"data.source={corpus.name}: nothing to prepare (data.max_chars={max_chars})")
+    planned = sum(p.end - p.start for shard in shards for p in shard)
+    if planned < sum(sizes):
+        log.warning("data.max_chars=%s: preparing only the first %.1f MB of %.1f MB of input (set "
+                    "data.max_chars=null, or data=files, for all of it)", max_chars, planned / 1e6,
+                    sum(sizes) / 1e6)
     _check_plan(out, corpus, sizes, len(shards), tok, val_fraction, max_chars, shard_bytes)
     mine = [k for k in range(task_id, len(shards), num_tasks) if not _done(out, k)]
     jobs = [ShardJob(corpus, tuple(shards[k]), k, out, local_tok, val_fraction, threads) for k in mine]
@@ -305,8 +310,10 @@ def prepare_command(source: str, cfg, vocab_size: int) -> str:
     """The exact command that prepares `source` with the data settings of `cfg` (a DataConfig)."""
     parts = ["python -m train.data.prepare", f"data.source={source}",
              f"data.text_field={cfg.text_field}"]
-    parts.append(f"data.tokenizer={cfg.tokenizer}" if cfg.tokenizer else f"model.vocab_size={vocab_size}")
-    parts += [f"data.max_chars={'null' if cfg.max_chars is None else cfg.max_chars}",
+    if cfg.tokenizer:
+        parts.append(f"data.tokenizer={cfg.tokenizer}")
+    parts += [f"model.vocab_size={vocab_size}",
+              f"data.max_chars={'null' if cfg.max_chars is None else cfg.max_chars}",
               f"data.val_fraction={cfg.val_fraction}",
               f"prepare.out=/path/to/prepared/{Path(source).name or 'data'}"]
     return " ".join(parts)
