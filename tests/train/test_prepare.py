@@ -323,3 +323,8 @@ def test_text_read_in_chunks_gives_the_same_units(corpus, monkeypatch):
         assert [u for p in pieces for u in shards.read_units(raw, p, 0.3)] == whole, chunk
     assert "".join(u.text for u in whole) == (corpus / "big.txt").read_text()
     assert whole[0].bos and whole[-1].eos and sum(u.bos or u.eos for u in whole) == 2
+
+
+def test_a_mixture_source_too_small_to_validate_is_named(mixture):
+    with pytest.raises(DataError, match=rf"{mixture['code']} has \d+ held-out sequences .*needs 40"):
+        build_data(_mix_cfg(mixture, batch_size=40), vocab_size=300, seed=0)

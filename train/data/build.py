@@ -94,8 +94,8 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
             folder = Path(m.path).expanduser()
             if not is_prepared(folder):
                 raise DataError(f"data.mixture[{i}].path: {folder} is not a prepared dataset (no "
-                                f"manifest.json); prepare it first: "
-                                f"{prepare_command(str(folder), cfg, vocab_size)}")
+                                f"manifest.json); prepare it first: python -m train.data.prepare "
+                                f"data.source=<raw files> ... prepare.out={folder}")
             entries.append((m.name or folder.name, folder, m.weight))
     elif is_prepared(Path(cfg.source).expanduser()):
         folder = Path(cfg.source).expanduser()
@@ -107,14 +107,14 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
         raise DataError(f"data.mixture: two sources share the name {sorted(names)}; set "
                         f"data.mixture[i].name to tell them apart")
     sources = [PreparedDataset(f) for f in folders]
-    tokenizer = _run_tokenizer(sources, given, cfg)
+    tokenizer = _run_tokenizer(sources, given)
     tokenizer.check_fits(vocab_size)
 
     W, G = cfg.seq_len + 1, cfg.batch_size * dp_world
     label = f"data.source={cfg.source}" if not cfg.mixture else "data.mixture"
     train_streams = [s.splits["train"] for s in sources]
     val_streams = [s.splits["val"] for s in sources]
-    for i, (src, stream) in enumerate(zip(sources, train_streams)):
+    for src, stream in zip(sources, train_streams):
         if stream.num_windows(W) == 0:
             raise DataError(f"{src.folder} has {stream.num_tokens} train tokens: no window of "
                             f"data.seq_len+1={W} tokens (an empty source, or data.seq_len too long)")
@@ -124,9 +124,9 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
                         dp_world=dp_world, seed=seed, num_workers=cfg.num_workers,
                         pin_memory=torch.cuda.is_available())
     if min(train.order.per_period) == 0:
-        raise DataError(f"data.mixture: weights {list(weights)} give source "
-                        f"{names[int(train.order.per_period.argmin())]} no sample in {len(train.order.table)}; "
-                        f"raise its weight")
+        starved = names[int(train.order.per_period.argmin())]
+        raise DataError(f"data.mixture: weights {list(weights)} give source {starved} no sample in "
+                        f"{len(train.order.table)}; raise its weight")
     val = ValSplit(val_streams, seq_len=cfg.seq_len, weights=list(weights), batch_size=cfg.batch_size,
                    dp_rank=dp_rank, dp_world=dp_world)
     n_train = train.num_sequences
@@ -138,15 +138,20 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
         raise DataError(f"{where}; one global batch needs {G} train sequences (data.batch_size="
                         f"{cfg.batch_size} x {dp_world} data-parallel ranks). Use more data "
                         f"(data.max_chars), a shorter data.seq_len or a smaller data.batch_size")
+    source_val = []
+    if len(sources) > 1:
+        source_val = [ValSplit([s], seq_len=cfg.seq_len, weights=[1.0], batch_size=cfg.batch_size,
+                               dp_rank=dp_rank, dp_world=dp_world) for s in val_streams]
+        for src, v in zip(sources, source_val):
+            if v.num_batches(1) < 1:
+                raise DataError(f"{src.folder} has {len(v.keys(G))} held-out sequences of "
+                                f"data.seq_len+1={W} tokens; its own validation batch needs {G} (data.batch_size x "
+                                f"data-parallel ranks): prepare it with a larger data.val_fraction")
     if val.num_batches(1) < 1:
         raise DataError(f"{where}; one validation batch per rank needs {G} (data.batch_size="
                         f"{cfg.batch_size} x {dp_world} data-parallel ranks) from every source. Prepare "
                         f"with a larger data.val_fraction ({val_fraction}), use more data, or a smaller "
                         f"data.batch_size")
-    source_val = []
-    if len(sources) > 1:
-        source_val = [ValSplit([s], seq_len=cfg.seq_len, weights=[1.0], batch_size=cfg.batch_size,
-                               dp_rank=dp_rank, dp_world=dp_world) for s in val_streams]
     log.info("data: %s", ", ".join(f"{n} ({s.folder}, weight {w:g}, {s.splits['train'].num_tokens:,} "
                                    f"train tokens)" for n, s, w in zip(names, sources, weights)))
     return Data(tokenizer=tokenizer, train=train, sources=sources, names=list(names),
@@ -154,7 +159,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
                 _source_val=source_val)
 
 
-def _run_tokenizer(sources: list[PreparedDataset], given: Tokenizer | None, cfg: DataConfig) -> Tokenizer:
+def _run_tokenizer(sources: list[PreparedDataset], given: Tokenizer | None) -> Tokenizer:
     tokenizer = given or load_tokenizer(sources[0].tokenizer_path)
     for s in sources:
         if s.tokenizer_digest != tokenizer.digest:
@@ -207,9 +212,10 @@ def _auto_prepared(cfg: DataConfig, vocab_size: int, given: Tokenizer | None, is
                             f"{failed.read_text()}")
         waited = time.time() - t0
         if waited > min(cfg.prepare_wait_s, _SHOW_UP_S) and not started.is_file():
-            raise DataError(f"after {waited:.0f} s the main rank has neither prepared nor started to prepare "
-                            f"data.source={cfg.source} in {folder} as this rank sees it: data.cache_dir "
-                            f"must be one folder shared by all ranks (on several nodes: a shared file system)")
+            raise DataError(f"after {waited:.0f} s the main rank has neither prepared nor started to "
+                            f"prepare data.source={cfg.source} in {folder} as this rank sees it: "
+                            f"data.cache_dir must be one folder shared by all ranks (on several "
+                            f"nodes: a shared file system)")
         if waited > cfg.prepare_wait_s:
             raise DataError(f"waited {cfg.prepare_wait_s:.0f} s (data.prepare_wait_s) for the main rank to "
                             f"prepare data.source={cfg.source} into {folder}; data.cache_dir must be shared "

@@ -14,9 +14,10 @@ the output never depends on how the work was divided.
 Units: the pieces of text that are tokenized and held out. A .jsonl record or .parquet row is one
 unit and one document: BOS + tokens + EOS. A plain-text file (.txt, .py) is one document whose lines
 are grouped into units by aligned blocks of `UNIT_BYTES` = 1 KiB (the lines starting in block j form
-unit j; small, so that even a corpus of one small file holds out a few of them): BOS precedes its first unit and EOS follows its last, so its train units concatenate back into
-the file's tokens, and a single large text file still gives held-out text from all over it. The
-document index of a shard lists where each unit's tokens end.
+unit j; small, so that even a corpus of one small file holds out a few of them): BOS precedes its
+first unit and EOS follows its last, so its train units concatenate back into the file's tokens, and
+a single large text file still gives held-out text from all over it. The document index of a shard
+lists where each unit's tokens end.
 
 Held-out units: unit u of file f is validation iff hash(f's path relative to the corpus root, u's
 key) / 2^64 < val_fraction, where the key is the line's byte offset (.jsonl), the row number
