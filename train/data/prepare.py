@@ -40,7 +40,8 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -91,10 +92,22 @@ class ShardJob:
 
 
 _TOKENIZERS: dict[Path, object] = {}  # per process: opened once, by path (never pickled)
+_PROGRESS = None  # per worker process: the queue progress goes to (set by the pool's initializer)
 
 
-def write_shard(job: ShardJob) -> dict:
-    """Tokenize one shard into its files and mark it done; return its counts."""
+def _set_progress_queue(queue) -> None:
+    global _PROGRESS
+    _PROGRESS = queue
+
+
+def write_shard(job: ShardJob, report: Callable[[tuple[int, int, int]], None] | None = None) -> dict:
+    """Tokenize one shard into its files and mark it done; return its counts. After every encoded
+    batch, `report` (default: the worker's progress queue, if any) gets (input bytes, documents,
+    tokens) done since the last report; input bytes are estimated by characters, capped by the
+    shard's size, and made exact when the shard is done."""
+    report = report or (_PROGRESS.put if _PROGRESS is not None else None)
+    shard_bytes = sum(p.end - p.start for p in job.pieces)
+    reported = 0
     tok = _TOKENIZERS.get(job.tokenizer_path)
     if tok is None:
         tok = _TOKENIZERS[job.tokenizer_path] = load_tokenizer(job.tokenizer_path)
@@ -110,6 +123,7 @@ def write_shard(job: ShardJob) -> dict:
     batch, batch_chars = [], 0
 
     def flush() -> None:
+        nonlocal reported
         encoded = tok.encode_batch([u.text for u in batch], num_threads=job.threads)
         rows = {s: array.array(typecode) for s in SPLITS}  # extended in C, written as one buffer
         for unit, ids in zip(batch, encoded):
@@ -127,6 +141,10 @@ def write_shard(job: ShardJob) -> dict:
         for split, row in rows.items():
             files[split].write(row)
             counts[split]["tokens"] += len(row)
+        if report is not None:
+            done = min(shard_bytes, sum(c["characters"] for c in counts.values()))
+            report((done - reported, len(batch), sum(map(len, rows.values()))))
+            reported = done
         batch.clear()
 
     try:
@@ -148,8 +166,10 @@ def write_shard(job: ShardJob) -> dict:
         for s in SPLITS:
             files[s].close()
             tmp[s].unlink(missing_ok=True)
-    record = {"id": job.shard, "bytes": sum(p.end - p.start for p in job.pieces), **counts}
+    record = {"id": job.shard, "bytes": shard_bytes, **counts}
     write_atomic(folder / f"{name}.done.json", json.dumps(record, sort_keys=True).encode())
+    if report is not None:
+        report((shard_bytes - reported, 0, 0))
     return record
 
 
@@ -190,22 +210,29 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
     log.info("prepare %s -> %s: %d shards (%d of them for task %d/%d, %d left to do, %.1f MB), "
              "%d workers", corpus.name, out, len(shards), len(range(task_id, len(shards), num_tasks)),
              task_id, num_tasks, len(jobs), total_bytes / 1e6, workers)
-    bar = _progress_bar(total_bytes, progress)
-    tokens = docs = 0
+    bar = _Progress(total_bytes, t0) if progress else None
+    tokens = 0
     pool = None
     try:
         if workers <= 1 or len(jobs) <= 1:
-            results = map(write_shard, jobs)
+            for job in jobs:
+                record = write_shard(job, bar.add if bar else None)
+                tokens += record["train"]["tokens"] + record["val"]["tokens"]
         else:  # spawn: workers start clean (no inherited threads); they import no torch
-            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn"))
-            results = (f.result() for f in as_completed([pool.submit(write_shard, j) for j in jobs]))
-        for record in results:
-            tokens += record["train"]["tokens"] + record["val"]["tokens"]
-            docs += record["train"]["units"] + record["val"]["units"]
-            if bar is not None:
-                bar.update(record["bytes"])
-                rate = tokens / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix_str(f"{docs:,} docs, {tokens / 1e6:,.1f}M tokens, {rate / 1e3:,.0f}k tok/s")
+            ctx = get_context("spawn")
+            queue = ctx.Queue() if bar else None
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
+                                       initializer=_set_progress_queue, initargs=(queue,))
+            pending = {pool.submit(write_shard, j) for j in jobs}
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    record = future.result()
+                    tokens += record["train"]["tokens"] + record["val"]["tokens"]
+                while bar is not None and not queue.empty():
+                    bar.add(queue.get())
+            while bar is not None and bar.bar.n < total_bytes:  # reports still in flight
+                bar.add(queue.get(timeout=10))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -281,12 +308,26 @@ def _check_plan(out: Path, corpus: Corpus, sizes: list[int], n_shards: int, tok,
     write_atomic(path, text)
 
 
-def _progress_bar(total_bytes: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
-                mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+class _Progress:
+    """tqdm over input bytes (its ETA), with documents, tokens and tokens/s after it."""
+
+    def __init__(self, total_bytes: int, t0: float) -> None:
+        from tqdm import tqdm
+        self.t0, self.docs, self.tokens = t0, 0, 0
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
+                        mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+
+    def add(self, delta: tuple[int, int, int]) -> None:
+        n_bytes, docs, tokens = delta
+        self.docs += docs
+        self.tokens += tokens
+        rate = self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.set_postfix_str(f"{self.docs:,} docs, {self.tokens / 1e6:,.1f}M tokens, "
+                                 f"{rate / 1e3:,.0f}k tok/s", refresh=False)
+        self.bar.update(n_bytes)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def task_slot(num_tasks: int | None, task_id: int | None) -> tuple[int, int]:
