@@ -114,8 +114,9 @@ def write_shard(job: ShardJob, report: Callable[[tuple[int, int, int]], None] | 
     typecode = "H" if token_dtype(tok.vocab_size).itemsize == 2 else "I"  # uint16 / uint32
     folder = job.out / "shards"
     name = f"{job.shard:06d}"
-    for stale in folder.glob(f".{name}.*"):  # a killed run's temporaries of this shard
-        stale.unlink(missing_ok=True)
+    for stale in folder.glob(f".{name}.*.tmp-*"):  # a killed run's temporaries of this shard
+        if not _alive(int(stale.name.rsplit("-", 1)[1])):  # (not a concurrent run's, on this host)
+            stale.unlink(missing_ok=True)
     tmp = {s: folder / f".{name}.{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
     files = {s: open(tmp[s], "wb") for s in SPLITS}
     ends: dict[str, list[int]] = {s: [] for s in SPLITS}
@@ -263,6 +264,16 @@ def finalize(out: Path, *, required: bool = True) -> dict | None:
     if not (out / MANIFEST).is_file() or (out / MANIFEST).read_bytes() != text:
         write_atomic(out / MANIFEST, text)  # several last finishers write the same bytes
     return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _done(out: Path, shard: int) -> bool:
