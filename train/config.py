@@ -132,8 +132,8 @@ class PrepareConfig:
             raise ConfigError(f"prepare.workers must be >= 0 (0: all cores), got {self.workers}")
         if self.num_tasks is not None and self.num_tasks < 1:
             raise ConfigError(f"prepare.num_tasks must be >= 1, got {self.num_tasks}")
-        if self.task_id is not None and not 0 <= self.task_id < (self.num_tasks or 1):
-            raise ConfigError(f"prepare.task_id must be in [0, prepare.num_tasks={self.num_tasks or 1}), "
+        if self.task_id is not None and not 0 <= self.task_id < (self.num_tasks or self.task_id + 1):
+            raise ConfigError(f"prepare.task_id must be in [0, prepare.num_tasks={self.num_tasks}), "
                               f"got {self.task_id}")
         if self.shard_bytes < 1 << 16:
             raise ConfigError(f"prepare.shard_bytes must be >= 65536, got {self.shard_bytes}")
