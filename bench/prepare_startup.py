@@ -1,6 +1,6 @@
 """Launch-to-first-step time of training on a large prepared dataset versus a small one.
 
-    python bench/prepare_startup.py [--gb 1.1] [--small-mb 10] [--repeats 3] [--work .cache/bench-prepare]
+    PYTHONPATH=. python bench/prepare_startup.py [--gb 1.1] [--small-mb 10] [--repeats 3] [--work .cache/bench-prepare]
                                     [--out bench/results/prepare_startup_cpu.json]
 
 Small: --small-mb MiB of real text (bench/prepare_corpus.py) prepared by `python -m
@@ -100,7 +100,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
-        "command": f"python bench/prepare_startup.py --gb {args.gb} --small-mb {args.small_mb} "
+        "command": f"PYTHONPATH=. python bench/prepare_startup.py --gb {args.gb} --small-mb {args.small_mb} "
                    f"--repeats {args.repeats}",
         "large": info, "small_mib_text": args.small_mb, "seconds": times, "median_s": med,
         "large_minus_small_s": med["large"] - med["small"],

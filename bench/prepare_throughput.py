@@ -1,6 +1,6 @@
 """Prepare throughput per worker against the tokenizer's own batch-encode, 1 vs 2 workers, peak RSS.
 
-    python bench/prepare_throughput.py [--mb 1024] [--ref-mb 256] [--work .cache/bench-prepare]
+    PYTHONPATH=. python bench/prepare_throughput.py [--mb 1024] [--ref-mb 256] [--work .cache/bench-prepare]
                                        [--out bench/results/prepare_throughput_cpu.json]
 
 On one .txt file of --mb MiB of real text (bench/prepare_corpus.py), in the same run:
@@ -80,7 +80,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg(),
-        "command": f"python bench/prepare_throughput.py --mb {args.mb} --ref-mb {args.ref_mb}",
+        "command": f"PYTHONPATH=. python bench/prepare_throughput.py --mb {args.mb} --ref-mb {args.ref_mb}",
         "file_mib": size / 2**20, "shard_bytes": shard_bytes, "reference": ref, "prepare": runs,
         "per_worker_over_reference": one["tokens_per_s"] / ref["tokens_per_s"],
         "per_worker_over_reference_cpu_time": one["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"],
