@@ -328,3 +328,13 @@ def test_text_read_in_chunks_gives_the_same_units(corpus, monkeypatch):
 def test_a_mixture_source_too_small_to_validate_is_named(mixture):
     with pytest.raises(DataError, match=rf"{mixture['code']} has \d+ held-out sequences .*needs 40"):
         build_data(_mix_cfg(mixture, batch_size=40), vocab_size=300, seed=0)
+
+
+def test_epoch_permutation_is_a_bijection_evaluated_per_index():
+    from train.data.mixture import Permutation
+    for n in (1, 2, 3, 17, 1000, 4097):
+        assert sorted(Permutation(n, [0, 1, 2])[i] for i in range(n)) == list(range(n))
+    orders = {tuple(Permutation(50, [7, 0, e])[i] for i in range(50)) for e in range(3)}
+    assert len(orders) == 3 and tuple(range(50)) not in orders  # shuffled, another order per epoch
+    with pytest.raises(IndexError):
+        Permutation(5, [0])[5]

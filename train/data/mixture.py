@@ -15,7 +15,11 @@ simulation from slot 0 on resume.
 
 Which window: a source's j-th sample is window perm_i(e)[j mod N_i] of its N_i train windows, with
 epoch e = j // N_i and perm_i(e) a permutation seeded by (seed, i, e): each source runs through its
-own epochs at its own pace. One source is the special case of one weight (P = 1).
+own epochs at its own pace. One source is the special case of one weight (P = 1). The permutation
+is evaluated one index at a time (`Permutation`: a keyed Feistel network), never materialised, so
+neither the start-up time nor the memory of a rank grows with the number of windows (the paper's
+839B tokens are 205M windows of 4096: a materialised permutation would take 1.6 GB and seconds on
+every rank).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ class MixtureOrder:
         self.before = np.zeros((self.period + 1, n), dtype=np.int64)
         self.before[1:] = np.cumsum(np.eye(n, dtype=np.int64)[self.table], axis=0)
         self.per_period = self.before[-1]
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._perms: dict[tuple[int, int], Permutation] = {}
 
     def consumed(self, position: int) -> list[int]:
         """Samples taken from each source by slots [0, position)."""
@@ -70,11 +74,46 @@ class MixtureOrder:
         epoch, offset = divmod(j, self.num_windows[i])
         return i, int(self._perm(i, epoch)[offset])
 
-    def _perm(self, source: int, epoch: int) -> np.ndarray:
+    def _perm(self, source: int, epoch: int) -> Permutation:
         key = (source, epoch)
         if key not in self._perms:
             # A batch spans at most a few epochs per source; forget the ones already passed.
             self._perms = {(i, e): p for (i, e), p in self._perms.items() if i != source or e >= epoch - 1}
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, source, epoch])))
-            self._perms[key] = rng.permutation(self.num_windows[source])
+            self._perms[key] = Permutation(self.num_windows[source], [self.seed, source, epoch])
         return self._perms[key]
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int, key: int) -> int:
+    """splitmix64's finaliser of x + key: a well-spread 64-bit hash."""
+    x = (x + key + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+class Permutation:
+    """A pseudo-random permutation of range(n) keyed by `seed` (a list of ints), evaluated per index
+    in O(1) time and memory: a 6-round balanced Feistel network over the smallest domain of 2^(2h)
+    >= n values (a bijection of that domain), walking the cycle until the value falls below n (the
+    domain is < 4n, so about 2 steps on average)."""
+
+    def __init__(self, n: int, seed: list[int]) -> None:
+        self.n = n
+        self.half = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.mask = (1 << self.half) - 1
+        self.keys = [int(k) for k in np.random.SeedSequence(seed).generate_state(6, np.uint64)]
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} is out of range for a permutation of {self.n}")
+        x, h, mask = i, self.half, self.mask
+        while True:
+            left, right = x >> h, x & mask
+            for k in self.keys:
+                left, right = right, left ^ (_mix(right, k) & mask)
+            x = (left << h) | right
+            if x < self.n:
+                return x
