@@ -111,6 +111,14 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One entry of data.mixture: a prepared dataset folder and its share of the train samples."""
+    path: str = "???"
+    weight: float = 1.0
+    name: str | None = None  # label in metrics (default: the folder's name)
+
+
+@dataclass
 class DataConfig:
     """Where text comes from, how it is tokenized and batched (per data-parallel rank)."""
     source: str = "stdlib"  # "stdlib" (embedded default) or a path to .txt/.jsonl/.parquet files or folders
@@ -124,8 +132,24 @@ class DataConfig:
     batch_size: int = 8  # sequences per data-parallel rank per micro-batch
     val_fraction: float = 0.02
     num_workers: int = 0
+    # Weighted prepared sources ([{path, weight}, ...]); when set, data.source is not read.
+    mixture: list[MixtureSource] | None = None
+    # A raw data.source over this many bytes is refused at start-up (prepare it offline instead).
+    max_auto_prepare_bytes: int = 2_000_000_000
+    prepare_wait_s: float = 3600.0  # how long other ranks wait for the main rank's auto-prepare
 
     def validate(self) -> None:
+        for i, m in enumerate(self.mixture or []):
+            if not m.path or m.path == "???":
+                raise ConfigError(f"data.mixture[{i}].path is missing (a prepared dataset folder)")
+            if not m.weight > 0:
+                raise ConfigError(f"data.mixture[{i}].weight must be positive, got {m.weight} ({m.path})")
+        if self.mixture is not None and not self.mixture:
+            raise ConfigError("data.mixture is empty: list at least one {path, weight}, or null")
+        if self.max_auto_prepare_bytes <= 0:
+            raise ConfigError(f"data.max_auto_prepare_bytes must be positive, got {self.max_auto_prepare_bytes}")
+        if self.prepare_wait_s <= 0:
+            raise ConfigError(f"data.prepare_wait_s must be positive, got {self.prepare_wait_s}")
         if self.seq_len <= 0:
             raise ConfigError(f"data.seq_len must be positive, got {self.seq_len}")
         if self.batch_size <= 0:
@@ -136,6 +160,29 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.max_chars is not None and self.max_chars <= 0:
             raise ConfigError(f"data.max_chars must be positive or null, got {self.max_chars}")
+
+
+@dataclass
+class PrepareConfig:
+    """`python -m train.data.prepare`: offline tokenization of data.source into prepare.out."""
+    out: str | None = None  # the prepared dataset folder to write
+    workers: int = 0  # processes on this machine; 0: all cores
+    num_tasks: int | None = None  # machines (tasks) sharing the work; None: Slurm array / torchrun / 1
+    task_id: int | None = None  # this task's index in [0, num_tasks)
+    finalize: bool = False  # only write the manifest (after all tasks finished their shards)
+    shard_bytes: int = 64 * 2**20  # input bytes per shard (large files are split at lines)
+    progress: bool = True  # progress bar on stderr
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"prepare.workers must be >= 0 (0: all cores), got {self.workers}")
+        if self.num_tasks is not None and self.num_tasks < 1:
+            raise ConfigError(f"prepare.num_tasks must be >= 1, got {self.num_tasks}")
+        if self.task_id is not None and not 0 <= self.task_id < (self.num_tasks or self.task_id + 1):
+            raise ConfigError(f"prepare.task_id must be in [0, prepare.num_tasks={self.num_tasks}), "
+                              f"got {self.task_id}")
+        if self.shard_bytes < 1 << 16:
+            raise ConfigError(f"prepare.shard_bytes must be >= 65536, got {self.shard_bytes}")
 
 
 @dataclass
@@ -360,6 +407,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     run_dir: str | None = None  # default: outputs/<run id>
     experiment: str = "quickstart"
 
@@ -372,6 +420,7 @@ class Config:
         self.logging.validate()
         self.eval.validate()
         self.train.validate()
+        self.prepare.validate()
         if self.model.unset_shape_keys:  # model=hf: checked again once the shape is read
             return
         self.layerskip.dropout.validate(self.model.n_layers)

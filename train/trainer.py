@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch import nn
 
 from parallel.dims import ParallelDims
-from parallel.distributed import all_reduce_mean, barrier, clip_grad_norm_, destroy, init_distributed
+from parallel.distributed import all_reduce_mean, clip_grad_norm_, destroy, init_distributed
 from parallel.parallelize import load_full_state_dict, parallelize
 from train.checkpoint import CheckpointManager
 from train.config import Config, ConfigError, to_dict
@@ -212,8 +212,7 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     if tokenizer is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer)))
     data = build_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
-                      dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main,
-                      barrier=barrier)
+                      dp_rank=dims.dp_rank, dp_world=dims.dp_world, is_main=is_main)
     if is_main:
         _write_run_assets(data, run_dir)
 
@@ -371,7 +370,7 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
               "throughput/tokens_per_s": tps, "throughput/mfu_pct": 100 * mfu,
               "throughput/step_time_s": step_time, "throughput/tokens_seen": r.state.tokens_seen,
               "layerskip/saved_block_compute": 1.0 - sum(window.kept) / (L * window.steps),
-              **memory_stats(r.device)}
+              **memory_stats(r.device), **r.data.train_tokens_by_source()}
     for l, seen in sorted(window.exits.items()):
         values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
         values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
@@ -387,10 +386,15 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
 
 # --------------------------------------------------------------------------- validation
 
-def validate(r: Run, val_batches: list, metrics: MetricsLogger) -> dict[str, float]:
-    """Held-out loss of every exit (or the last layer only), logged at the current step."""
-    vals = evaluate(r.model, val_batches, r.n_layers, r.cfg.eval.per_layer,
-                    r.cfg.layerskip.exit.chunk_tokens, r.dims.tp, r.dp_group)
+def validate(r: Run, val_batches: list, metrics: MetricsLogger,
+             source_val: dict[str, list] | None = None) -> dict[str, float]:
+    """Held-out loss of every exit (or the last layer only), and with a mixture each source's
+    final-layer loss (`source_val`: name -> batches), logged at the current step."""
+    chunk = r.cfg.layerskip.exit.chunk_tokens
+    vals = evaluate(r.model, val_batches, r.n_layers, r.cfg.eval.per_layer, chunk, r.dims.tp, r.dp_group)
+    for name, batches in (source_val or {}).items():
+        vals[f"val/loss/source/{name}"] = evaluate(r.model, batches, r.n_layers, False, chunk, r.dims.tp,
+                                                   r.dp_group)["val/loss/final"]
     if r.is_main:
         shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
                          for l in range(r.n_layers) if f"val/loss/layer_{l:02d}" in vals)
@@ -436,10 +440,12 @@ def train_loop(r: Run) -> Path:
     metrics = MetricsLogger(r.run_dir, enabled=r.is_main, tensorboard=cfg.logging.tensorboard,
                             n_layers=r.n_layers)
     val_batches = [(i.to(r.device), y.to(r.device)) for i, y in r.data.val_batches(cfg.eval.batches)]
+    source_val = {name: [(i.to(r.device), y.to(r.device)) for i, y in batches]  # mixtures: per source
+                  for name, batches in r.data.source_val_batches(cfg.eval.batches).items()}
     step_tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * r.dims.dp_world
     try:
         if r.state.step == 0 and cfg.eval.every > 0:
-            validate(r, val_batches, metrics)
+            validate(r, val_batches, metrics, source_val)
         batches = iter(r.data.train)
         window = LogWindow(r.n_layers)
         while r.state.step < cfg.train.steps:
@@ -450,7 +456,7 @@ def train_loop(r: Run) -> Path:
                 log_window(r, window, result, tp, metrics)
                 window = LogWindow(r.n_layers)
             if validation_due(cfg, step, last):
-                validate(r, val_batches, metrics)
+                validate(r, val_batches, metrics, source_val)
             save_if_due(r, last)
         r.ckpt.wait()  # collective: only on the success path (a failing rank must not block the others)
     finally:

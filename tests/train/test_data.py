@@ -15,7 +15,8 @@ import torch
 
 from train.config import DataConfig
 from train.data import DataError, Tokenizer, build_data
-from train.data.loader import TrainLoader
+from train.data.build import auto_prepared_dir
+from train.data.shards import UNIT_BYTES, is_held_out
 from train.data.sources import open_corpus
 from train.data.tokenizer import train_tokenizer
 
@@ -87,10 +88,11 @@ def test_build_data_trains_and_caches_a_tokenizer(corpus, tmp_path):
                      batch_size=4, val_fraction=0.1)
     data = build_data(cfg, vocab_size=VOCAB, seed=0)
     (trained,) = tmp_path.glob("tokenizer-*.model")
-    assert data.tokenizer.path == trained and data.tokenizer.vocab_size <= VOCAB
+    # The run reads the copy inside the prepared folder: the same file.
+    assert data.tokenizer.path.read_bytes() == trained.read_bytes() and data.tokenizer.vocab_size <= VOCAB
     stamp = trained.stat().st_mtime_ns
     again = build_data(cfg, vocab_size=VOCAB, seed=0)  # warm: reuses tokenizer and tokens
-    assert trained.stat().st_mtime_ns == stamp and again.tokens_dir == data.tokens_dir
+    assert trained.stat().st_mtime_ns == stamp and again.sources[0].folder == data.sources[0].folder
     assert not list(tmp_path.glob(".tmp-*"))  # no temporary leftovers
     # Another vocabulary size is another tokenizer (and another token cache).
     build_data(cfg, vocab_size=VOCAB - 50, seed=0)
@@ -128,7 +130,7 @@ def test_source_errors_name_the_file_and_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="data.source: .*missing does not exist"):
         open_corpus(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .txt/.jsonl/.parquet files under folder .*empty"):
+    with pytest.raises(DataError, match="no .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet files under folder .*empty"):
         open_corpus(str(tmp_path / "empty"))
 
     bad = tmp_path / "latin1.txt"
@@ -172,41 +174,46 @@ def test_stdlib_source_finds_the_standard_library():
 
 # --------------------------------------------------------------------------- packing and split
 
+def _windows(data, split: str) -> np.ndarray:
+    stream = data.sources[0].splits[split]
+    W = data.seq_len + 1
+    return stream.windows(list(range(stream.num_windows(W))), W)
+
+
 def test_packing_and_split_against_a_reference(corpus, tokenizer, tmp_path):
     cfg = _cfg(corpus, tokenizer, tmp_path)
     data = build_data(cfg, vocab_size=512, seed=0)
-    # Reference: BOS doc EOS, concatenated, cut into non-overlapping windows of seq_len + 1.
-    stream = []
-    for doc in open_corpus(str(corpus)).documents():
-        stream += [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
+    # Reference: a .txt file is one document, BOS text EOS, whose lines are grouped into units by
+    # the 1 KiB block their first byte is in; a unit is held out iff the hash of (file, block) is
+    # below val_fraction; each split's units are concatenated in corpus order and cut into
+    # non-overlapping windows of seq_len + 1.
     W = cfg.seq_len + 1
-    n = len(stream) // W
-    ref = {tuple(stream[i * W:(i + 1) * W]): i for i in range(n)}
-    assert len(ref) == n  # windows are distinct, so each maps to one index
-
-    train = np.load(data.tokens_dir / "train.npy")
-    val = np.load(data.tokens_dir / "val.npy")
-    assert train.shape[1] == val.shape[1] == W
-    train_idx = [ref[tuple(r)] for r in train.tolist()]
-    val_idx = [ref[tuple(r)] for r in val.tolist()]
-    assert train_idx == sorted(train_idx)  # train keeps corpus order
-    assert sorted(train_idx + val_idx) == list(range(n))  # a partition of all windows
-    assert len(val_idx) == round(0.1 * n) == data.num_val_sequences
-    assert val_idx != sorted(val_idx)  # held-out windows are drawn from the whole corpus
+    streams = {"train": [], "val": []}
+    for path in open_corpus(str(corpus)).files:
+        units, offset = {}, 0
+        for line in path.read_text().splitlines(keepends=True):
+            units.setdefault(offset // UNIT_BYTES, []).append(line)
+            offset += len(line.encode())
+        for n, (block, lines) in enumerate(units.items()):
+            ids = tokenizer.encode("".join(lines))
+            ids = [tokenizer.bos_id] * (n == 0) + ids + [tokenizer.eos_id] * (n == len(units) - 1)
+            streams["val" if is_held_out(path.name, block, cfg.val_fraction) else "train"] += ids
+    for split in ("train", "val"):
+        ref = np.array(streams[split][:len(streams[split]) // W * W]).reshape(-1, W)
+        assert np.array_equal(_windows(data, split), ref), split
+    assert 0 < len(streams["val"]) < len(streams["train"])
+    assert data.num_val_sequences == len(streams["val"]) // W
 
     inputs, labels = next(data.train)
     assert inputs.shape == labels.shape == (4, 16) and inputs.dtype == labels.dtype == torch.long
     assert torch.equal(inputs[:, 1:], labels[:, :-1])  # labels are inputs shifted by one
-    rows = {tuple(r) for r in train.tolist()}
+    rows = {tuple(r) for r in _windows(data, "train").tolist()}
     for x, y in zip(inputs.tolist(), labels.tolist()):
         assert tuple(x + y[-1:]) in rows
-    flat = np.concatenate([train.ravel(), val.ravel()])
-    n_docs = len(list(open_corpus(str(corpus)).documents()))  # the last EOS may be in the dropped tail
-    assert (flat == tokenizer.bos_id).sum() == n_docs and (flat == tokenizer.eos_id).sum() >= n_docs - 1
 
     # The split depends on the data only: another seed, another cache folder, same windows.
     other = build_data(_cfg(corpus, tokenizer, tmp_path / "again"), vocab_size=512, seed=7)
-    assert np.array_equal(np.load(other.tokens_dir / "val.npy"), val)
+    assert np.array_equal(_windows(other, "val"), _windows(data, "val"))
     for (a, b), (c, d) in zip(data.val_batches(3), other.val_batches(3)):
         assert torch.equal(a, c) and torch.equal(b, d)
 
@@ -215,22 +222,35 @@ def test_too_little_data_is_a_clear_error(corpus, tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"data.source=.*corpus.*data.seq_len\+1=17 .*needs 1000 train "
                                         r"sequences .*data.batch_size=1000"):
         build_data(_cfg(corpus, tokenizer, tmp_path, batch_size=1000), vocab_size=512, seed=0)
-    with pytest.raises(DataError, match=r"10 validation sequences.*one validation batch per rank "
+    with pytest.raises(DataError, match=r"validation sequences.*one validation batch per rank "
                                         r"needs 16 .*data.val_fraction \(0.01\)"):
         build_data(_cfg(corpus, tokenizer, tmp_path, val_fraction=0.01), vocab_size=512, seed=0,
                    dp_world=4, dp_rank=1)
 
 
 def test_other_ranks_wait_for_the_main_rank(corpus, tokenizer, tmp_path):
-    calls = []
-    cfg = _cfg(corpus, tokenizer, tmp_path)
-    with pytest.raises(DataError, match="missing; did the main rank fail"):
-        build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False,
-                   barrier=lambda: calls.append("worker"))
-    build_data(cfg, vocab_size=512, seed=0, dp_world=2, barrier=lambda: calls.append("main"))
-    data = build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False,
-                      barrier=lambda: calls.append("worker"))
-    assert calls == ["worker", "main", "worker"] and data.num_train_sequences > 0
+    """No collective: the other ranks poll for the manifest, with a deadline and a clear error."""
+    cfg = _cfg(corpus, tokenizer, tmp_path, prepare_wait_s=0.5)
+    with pytest.raises(DataError, match=r"main rank has neither prepared nor started to prepare .*"
+                                        r"data.cache_dir must be one folder shared by all ranks"):
+        build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    # The main rank has started (its marker is there) but is slow: wait up to data.prepare_wait_s.
+    folder = auto_prepared_dir(cfg, open_corpus(str(corpus)), tokenizer, 512)
+    Path(f"{folder}.preparing").write_text("another host")
+    with pytest.raises(DataError, match=r"waited 0 s \(data.prepare_wait_s\) for the main rank .*"
+                                        r"Or prepare it beforehand: python -m train.data.prepare data.source="):
+        build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    main = build_data(cfg, vocab_size=512, seed=0, dp_world=2)
+    data = build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    assert data.sources[0].folder == main.sources[0].folder and data.num_train_sequences > 0
+    # A main rank that fails tells the waiting ranks at once (its error, not a timeout).
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    bad = _cfg(tmp_path / "latin1", tokenizer, tmp_path, prepare_wait_s=30)
+    with pytest.raises(DataError, match="a.txt: not UTF-8"):
+        build_data(bad, vocab_size=512, seed=0)
+    with pytest.raises(DataError, match="the main rank failed to prepare"):
+        build_data(bad, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
 
 
 # --------------------------------------------------------------------------- global order and resume
@@ -252,7 +272,7 @@ def test_global_batch_order_does_not_depend_on_the_layout(corpus, tokenizer, tmp
 
     # Each epoch is a permutation of the train split; epochs are reshuffled.
     rows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in whole])
-    train = torch.from_numpy(np.load(one.tokens_dir / "train.npy").astype(np.int64))
+    train = torch.from_numpy(_windows(one, "train").astype(np.int64))
     epoch0, epoch1 = rows[:n_train], rows[n_train:2 * n_train]
     key = lambda t: sorted(map(tuple, t.tolist()))
     assert key(epoch0) == key(epoch1) == key(train)
@@ -270,30 +290,34 @@ def test_global_batch_order_does_not_depend_on_the_layout(corpus, tokenizer, tmp
 def test_resume_continues_exactly_and_across_layouts(corpus, tokenizer, tmp_path):
     cfg = _cfg(corpus, tokenizer, tmp_path, batch_size=4)
     data = build_data(cfg, vocab_size=512, seed=3)
-    path = data.tokens_dir / "train.npy"
     _take(data.train, 5)
     state = data.train.state_dict()
     expected = _take(data.train, 40)  # crosses an epoch boundary
-    assert state == {"position": 20, "seed": 3, "num_sequences": data.num_train_sequences}
+    assert state["position"] == 20 and state["seed"] == 3 and state["seq_len"] == 16
+    assert state["sources"] == {str(data.sources[0].folder): data.sources[0].fingerprint}
 
-    fresh = TrainLoader(path, batch_size=4, dp_rank=0, dp_world=1, seed=3)
+    fresh = build_data(cfg, vocab_size=512, seed=3).train
     fresh.load_state_dict(state)
     got = _take(iter(fresh), 40)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
 
     # Worker processes give the same stream.
-    workers = TrainLoader(path, batch_size=4, dp_rank=0, dp_world=1, seed=3, num_workers=2)
+    workers = build_data(_cfg(corpus, tokenizer, tmp_path, batch_size=4, num_workers=2),
+                         vocab_size=512, seed=3).train
     workers.load_state_dict(state)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(expected[:6], _take(workers, 6)))
 
     # The state is global: two ranks of batch 2 resume the same stream from the same position.
     halves = []
     for r in range(2):
-        loader = TrainLoader(path, batch_size=2, dp_rank=r, dp_world=2, seed=3)
+        loader = build_data(_cfg(corpus, tokenizer, tmp_path, batch_size=2), vocab_size=512, seed=3,
+                            dp_rank=r, dp_world=2).train
         loader.load_state_dict(state)
         halves.append(_take(loader, 3))
     for k in range(3):
         assert torch.equal(expected[k][0], torch.cat([halves[0][k][0], halves[1][k][0]]))
 
     with pytest.raises(ValueError, match="seed 3, this run uses 4"):
-        TrainLoader(path, batch_size=4, dp_rank=0, dp_world=1, seed=4).load_state_dict(state)
+        build_data(cfg, vocab_size=512, seed=4).train.load_state_dict(state)
+    with pytest.raises(ValueError, match="data.seq_len=16, this run uses 8"):
+        build_data(_cfg(corpus, tokenizer, tmp_path, seq_len=8), vocab_size=512, seed=3).train.load_state_dict(state)

@@ -1,15 +1,15 @@
 """Batches for training and validation, with a global order that does not depend on the layout.
 
-The train stream is one infinite sequence of window indices: epoch e is a permutation of all train
-windows seeded by (seed, e), and epochs follow each other. It is cut into global batches of
-G = batch_size * dp_world windows: global batch k = stream[k*G : (k+1)*G], and data-parallel rank r
-gets rows [r*batch_size, (r+1)*batch_size) of it. So global batch k depends on (seed, k, G) only:
-one rank with batch 8 sees exactly the concatenation of what two ranks with batch 4 see.
+The train stream is one infinite sequence of sample slots cut into global batches of
+G = batch_size * dp_world slots: global batch k = slots [k*G, (k+1)*G), and data-parallel rank r
+gets rows [r*batch_size, (r+1)*batch_size) of it. Which window of which source fills a slot is a
+pure function of (sources, weights, seed, slot) (train/data/mixture.py), so one rank with batch 8
+sees exactly the concatenation of what two ranks with batch 4 see.
 
-The loader's state is a single global position in that stream (windows consumed by all ranks
-together), the same on every rank. A run can therefore resume with another data-parallel layout:
-the new layout continues the same stream from the same position (if G changed, the batches from
-there on are cut at different points, but no window is skipped or repeated within the epoch).
+The loader's state is a single global position in that stream (slots consumed by all ranks
+together), the same on every rank, plus the fingerprints of the prepared folders it refers to. A run
+can therefore resume with another data-parallel layout: the new layout continues the same stream
+from the same position. Resuming on changed data is refused, naming the folder that changed.
 
 Fetching runs in torchdata's StatefulDataLoader (worker processes when num_workers > 0); this
 module keeps the position itself, because the loader's own state is per rank and per worker count.
@@ -18,53 +18,39 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from train.data.dataset import TokenStream
+from train.data.mixture import MixtureOrder, slot_table
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), LongTensor [batch_size, seq_len] each
 
 
-def epoch_permutation(num_sequences: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of the train windows in `epoch` (a pure function of its arguments)."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
-    return rng.permutation(num_sequences)
-
-
 class GlobalOrderBatchSampler:
-    """Yields this rank's window indices of global batches position/G, position/G + 1, ...
+    """Yields this rank's (source, window) pairs of the global batches starting at `position`.
 
     Stateful (state = the global position of the next batch it will produce), so the
     StatefulDataLoader could also checkpoint it on its own.
     """
 
-    def __init__(self, num_sequences: int, *, batch_size: int, dp_rank: int, dp_world: int,
-                 seed: int, position: int = 0) -> None:
-        self.num_sequences = num_sequences
+    def __init__(self, order: MixtureOrder, *, batch_size: int, dp_rank: int, dp_world: int,
+                 position: int = 0) -> None:
+        self.order = order
         self.batch_size = batch_size
         self.global_batch_size = batch_size * dp_world
         self.offset = dp_rank * batch_size  # this rank's first row in a global batch
-        self.seed = seed
         self.position = position
-        self._perms: dict[int, np.ndarray] = {}
 
-    def indices(self, position: int) -> list[int]:
+    def indices(self, position: int) -> list[tuple[int, int]]:
         """This rank's rows of the global batch that starts at stream position `position`."""
-        stream = np.arange(self.batch_size) + position + self.offset
-        epochs, offsets = np.divmod(stream, self.num_sequences)
-        return [int(self._perm(e)[o]) for e, o in zip(epochs.tolist(), offsets.tolist())]
+        first = position + self.offset
+        return [self.order.sample(s) for s in range(first, first + self.batch_size)]
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            # A batch spans at most a few epochs; forget the ones already passed.
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = epoch_permutation(self.num_sequences, self.seed, epoch)
-        return self._perms[epoch]
-
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         while True:
             batch = self.indices(self.position)
             self.position += self.global_batch_size
@@ -77,31 +63,25 @@ class GlobalOrderBatchSampler:
         self.position = int(state["position"])
 
 
-class PackedSequences(torch.utils.data.Dataset):
-    """Rows of a [N, seq_len + 1] .npy file, opened lazily as a memory map in each process (so
-    worker processes share the page cache instead of pickling the data)."""
+class SourceWindows(torch.utils.data.Dataset):
+    """Windows of seq_len + 1 tokens of several token streams, addressed by (source, window).
+    Worker processes map the shard files themselves (nothing large is pickled)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._rows: np.ndarray | None = None
-        self.shape = self._open().shape
-
-    def _open(self) -> np.ndarray:
-        if self._rows is None:
-            self._rows = np.load(self.path, mmap_mode="r")
-        return self._rows
+    def __init__(self, streams: list[TokenStream], window: int) -> None:
+        self.streams = streams
+        self.window = window
 
     def __len__(self) -> int:
-        return self.shape[0]
+        return sum(s.num_windows(self.window) for s in self.streams)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self._open()[i]
+    def __getitem__(self, key: tuple[int, int]) -> np.ndarray:
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, indices: list[int]) -> np.ndarray:
-        return self._open()[indices]  # one gather for the whole batch
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_rows": None}
+    def __getitems__(self, keys: list[tuple[int, int]]) -> np.ndarray:
+        rows = np.empty((len(keys), self.window), dtype=np.int64)
+        for r, (i, w) in enumerate(keys):
+            rows[r] = self.streams[i].tokens(w * self.window, (w + 1) * self.window)
+        return rows
 
 
 def to_batch(rows: np.ndarray) -> Batch:
@@ -113,17 +93,23 @@ def to_batch(rows: np.ndarray) -> Batch:
 class TrainLoader:
     """Infinite iterator over this rank's (inputs, labels) train batches in the global order.
 
-    `state_dict()` is {"position", "seed", "num_sequences"}: the global stream position after the
-    last batch handed out, identical on all ranks; `load_state_dict` continues from there, with
-    this loader's batch size and layout. Iterating (`iter(loader)`) never rewinds.
+    `state_dict()` is {"position", "seed", "sources": {folder: fingerprint}, "weights",
+    "seq_len"}: the global stream position after the last batch handed out, identical on all
+    ranks; `load_state_dict` continues from there, with this loader's batch size and layout.
+    Iterating (`iter(loader)`) never rewinds.
     """
 
-    def __init__(self, path: Path, *, batch_size: int, dp_rank: int, dp_world: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(self, streams: list[TokenStream], *, seq_len: int, weights: list[float],
+                 fingerprints: dict[str, str], batch_size: int, dp_rank: int, dp_world: int,
+                 seed: int, num_workers: int = 0, pin_memory: bool = False) -> None:
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank {dp_rank} is out of range for dp_world {dp_world}")
-        self.dataset = PackedSequences(path)
-        self.num_sequences = len(self.dataset)
+        self.dataset = SourceWindows(streams, seq_len + 1)
+        self.num_windows = [s.num_windows(seq_len + 1) for s in streams]
+        self.order = MixtureOrder(weights, self.num_windows, seed)
+        self.seq_len = seq_len
+        self.weights = list(weights)
+        self.fingerprints = dict(fingerprints)
         self.batch_size = batch_size
         self.dp_rank = dp_rank
         self.dp_world = dp_world
@@ -135,14 +121,21 @@ class TrainLoader:
         self._batches: Iterator[Batch] | None = None
 
     @property
+    def num_sequences(self) -> int:
+        return sum(self.num_windows)
+
+    @property
     def epoch(self) -> float:
-        """Passes over the train split so far (fractional)."""
-        return self.position / self.num_sequences
+        """Passes over the train split so far (fractional; of the first source in a mixture)."""
+        return self.order.consumed(self.position)[0] / self.num_windows[0]
+
+    def consumed(self) -> list[int]:
+        """Windows taken from each source so far, by all ranks together."""
+        return self.order.consumed(self.position)
 
     def _start(self) -> Iterator[Batch]:
-        sampler = GlobalOrderBatchSampler(
-            self.num_sequences, batch_size=self.batch_size, dp_rank=self.dp_rank,
-            dp_world=self.dp_world, seed=self.seed, position=self.position)
+        sampler = GlobalOrderBatchSampler(self.order, batch_size=self.batch_size, dp_rank=self.dp_rank,
+                                          dp_world=self.dp_world, position=self.position)
         with warnings.catch_warnings():
             # torchdata 0.11 calls torch.set_vital, which newer torch deprecates: noise, not ours.
             warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -161,15 +154,27 @@ class TrainLoader:
         self.position += self.global_batch_size
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed, "num_sequences": self.num_sequences}
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "seed": self.seed, "sources": dict(self.fingerprints),
+                "weights": list(self.weights), "seq_len": self.seq_len}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["num_sequences"]) != self.num_sequences:
-            raise ValueError(
-                f"data loader state is for {state['num_sequences']} train sequences, this data has "
-                f"{self.num_sequences}: the data (data.source, seq_len, tokenizer, ...) changed since "
-                f"the checkpoint, so its position cannot be restored")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("sources")
+        if saved is None:
+            raise ValueError("data loader state is from an older version (no data fingerprints): "
+                             "it cannot be restored on prepared data; start a new run")
+        for folder, fp in saved.items():
+            if folder in self.fingerprints and self.fingerprints[folder] != fp:
+                raise ValueError(f"the data in {folder} changed since the checkpoint (fingerprint {fp}, "
+                                 f"now {self.fingerprints[folder]}): its position cannot be restored")
+        if list(saved) != list(self.fingerprints) or list(state["weights"]) != self.weights:
+            raise ValueError(f"data loader state is for sources {list(saved)} with weights "
+                             f"{state['weights']}, this run reads {list(self.fingerprints)} with weights "
+                             f"{self.weights} (data.source / data.mixture changed): its position cannot "
+                             f"be restored")
+        if int(state["seq_len"]) != self.seq_len:
+            raise ValueError(f"data loader state was saved with data.seq_len={state['seq_len']}, this run "
+                             f"uses {self.seq_len}: the windows differ, so its position cannot be restored")
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data loader state was saved with seed {state['seed']}, this run uses "
                              f"{self.seed}: the stream order differs, so its position cannot be restored")
@@ -178,23 +183,40 @@ class TrainLoader:
 
 
 class ValSplit:
-    """The validation windows, sharded like the train stream but in one fixed order."""
+    """Held-out windows in one fixed order, sharded like the train stream. A mixture blends its
+    sources' held-out windows with the train weights (the same slot table, no shuffling)."""
 
-    def __init__(self, path: Path, *, batch_size: int, dp_rank: int, dp_world: int) -> None:
-        self.rows = np.load(path, mmap_mode="r")
+    def __init__(self, streams: list[TokenStream], *, seq_len: int, weights: list[float],
+                 batch_size: int, dp_rank: int, dp_world: int) -> None:
+        self.dataset = SourceWindows(streams, seq_len + 1)
+        self.num_windows = [s.num_windows(seq_len + 1) for s in streams]
+        self.table = slot_table(weights)
         self.batch_size = batch_size
         self.offset = dp_rank * batch_size
         self.global_batch_size = batch_size * dp_world
 
-    def __len__(self) -> int:
-        return self.rows.shape[0]
+    def keys(self, limit: int) -> list[tuple[int, int]]:
+        """The first `limit` (source, window) slots of the blended held-out order, fewer when a
+        source runs out (its windows are never repeated)."""
+        keys, taken = [], [0] * len(self.num_windows)
+        for s in range(limit):
+            i = int(self.table[s % len(self.table)])
+            if taken[i] == self.num_windows[i]:
+                break
+            keys.append((i, taken[i]))
+            taken[i] += 1
+        return keys
+
+    def num_batches(self, n: int) -> int:
+        """How many of the first n global validation batches exist."""
+        return len(self.keys(n * self.global_batch_size)) // self.global_batch_size
 
     def batches(self, n: int) -> list[Batch]:
-        """This rank's rows of the first min(n, len // G) global validation batches. Every rank gets
-        the same number of batches, so per-batch collectives line up."""
-        count = min(n, len(self) // self.global_batch_size)
+        """This rank's rows of the first min(n, available) global validation batches. Every rank
+        gets the same number of batches, so per-batch collectives line up."""
+        keys = self.keys(n * self.global_batch_size)
         out = []
-        for k in range(count):
-            start = k * self.global_batch_size + self.offset
-            out.append(to_batch(self.rows[start:start + self.batch_size]))
+        for k in range(len(keys) // self.global_batch_size):
+            first = k * self.global_batch_size + self.offset
+            out.append(to_batch(self.dataset.__getitems__(keys[first:first + self.batch_size])))
         return out

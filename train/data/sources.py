@@ -5,7 +5,8 @@
 folder searched recursively for them. Everything is sorted, so the same files always give the same
 documents in the same order. Document boundaries:
 - `.txt`: the whole file is one document;
-- `.jsonl`: one document per line, the string in field `data.text_field` (blank lines are skipped);
+- `.jsonl`, `.jsonl.gz`, `.jsonl.zst`: one document per line, the string in field `data.text_field`
+  (blank lines are skipped; .zst needs the zstandard package);
 - `.parquet`: one document per row, column `data.text_field` (needs pyarrow);
 - stdlib: one document per `.py` file (site-packages and test folders excluded).
 
@@ -14,7 +15,9 @@ in total: the document that crosses the cap is cut there and reading stops.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -26,7 +29,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 STDLIB = "stdlib"
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+COMPRESSED = (".jsonl.gz", ".jsonl.zst")
 # Folders of the standard library that are not its own source, or are test data (deliberately
 # broken encodings, generated files) rather than representative code.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -95,7 +99,7 @@ def open_corpus(source: str, text_field: str = "text") -> Corpus:
         raise DataError(f"data.source: {path} does not exist (use 'stdlib' for the embedded corpus, "
                         f"or a .txt/.jsonl/.parquet file or folder)")
     if path.is_file():
-        if path.suffix not in SUFFIXES:
+        if not path.name.endswith(SUFFIXES):
             raise DataError(f"data.source: {path} is not a {'/'.join(SUFFIXES)} file")
         return Corpus(source, path.resolve(), (path.resolve(),), text_field, is_stdlib=False)
     files = _walk(path.resolve(), SUFFIXES, skip={"__pycache__"})
@@ -115,7 +119,7 @@ def _walk(root: Path, suffixes: tuple[str, ...], skip: set[str]) -> tuple[Path, 
 
 
 def _read_file(path: Path, field: str, left: int, *, lenient: bool) -> Iterator[str]:
-    if path.suffix == ".jsonl":
+    if path.name.endswith((".jsonl", *COMPRESSED)):
         yield from _read_jsonl(path, field)
     elif path.suffix == ".parquet":
         yield from _read_parquet(path, field)
@@ -131,29 +135,57 @@ def _read_file(path: Path, field: str, left: int, *, lenient: bool) -> Iterator[
             raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """`path` opened for reading bytes, decompressed on the fly (.gz, .zst): a stream, never the
+    whole file in memory."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst files needs the zstandard package "
+                            f"(pip install zstandard)") from None
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def parse_record(raw: bytes, field: str, where: str) -> str | None:
+    """The text of one .jsonl line (None for a blank line); `where` ("file:line") names it in errors."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or field not in record:
+        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where}: no field '{field}' (data.text_field); found: {keys}")
+    text = record[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field '{field}' is {type(text).__name__}, not a string")
+    return text
+
+
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as fh:
+    with open_binary(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{lineno}: no field '{field}' (data.text_field); found: {keys}")
-            text = record[field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field '{field}' is {type(text).__name__}, not a string")
-            yield text
+            text = parse_record(raw, field, f"{path}:{lineno}")
+            if text is not None:
+                yield text
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:
+    yield from (text for _, text in read_parquet_rows(path, field))
+
+
+def read_parquet_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
+    """(row number, text) of every row, read in batches (bounded memory)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -169,5 +201,5 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
             if not isinstance(text, str):
                 raise DataError(f"{path}: row {row}: column '{field}' is "
                                 f"{type(text).__name__}, not a string")
+            yield row, text
             row += 1
-            yield text
