@@ -10,8 +10,8 @@ data.val_fraction, data.max_chars, model.vocab_size), so a run finds what was pr
 when the data is opened (train/data/dataset.py), so one prepared folder serves every seq_len.
 
 A prepared folder holds:
-- `<tokenizer file>`: a copy of the tokenizer (its own name: tokenizer.model, tokenizer.json), so
-  training on the folder needs no data.tokenizer;
+- `tokenizer.model`, or `tokenizer.json` with the config files naming its BOS/EOS: a copy of the
+  tokenizer, so training on the folder needs no data.tokenizer;
 - `plan.json`: the shard plan's key, written first; a rerun with other inputs is refused;
 - `shards/NNNNNN.{train,val}.bin`: the tokens of each shard's train/held-out units, concatenated
   (uint16 when the vocabulary fits, else uint32), and `shards/NNNNNN.{train,val}.idx`: int64 end
@@ -50,7 +50,7 @@ import numpy as np
 
 from train.data.shards import Piece, plan_shards, read_units
 from train.data.sources import Corpus, DataError
-from train.data.tokenizer import load_tokenizer, write_atomic
+from train.data.tokenizer import copy_tokenizer, find_tokenizer_file, load_tokenizer, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(tokenizer_path)
-    local_tok = _install_tokenizer(tokenizer_path, tok.digest, out)
+    local_tok = _install_tokenizer(tok, out)
     sizes = [f.stat().st_size for f in corpus.files]
     shards = plan_shards(corpus, sizes, shard_bytes, max_chars)
     if not shards:
@@ -204,7 +204,7 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
         log.warning("data.max_chars=%s: preparing only the first %.1f MB of %.1f MB of input (set "
                     "data.max_chars=null, or data=files, for all of it)", max_chars, planned / 1e6,
                     sum(sizes) / 1e6)
-    _check_plan(out, corpus, sizes, len(shards), tok, val_fraction, max_chars, shard_bytes)
+    _check_plan(out, corpus, sizes, len(shards), tok, local_tok.name, val_fraction, max_chars, shard_bytes)
     mine = [k for k in range(task_id, len(shards), num_tasks) if not _done(out, k)]
     jobs = [ShardJob(corpus, tuple(shards[k]), k, out, local_tok, val_fraction, threads) for k in mine]
     total_bytes = sum(p.end - p.start for j in jobs for p in j.pieces)
@@ -280,19 +280,19 @@ def _done(out: Path, shard: int) -> bool:
     return (out / "shards" / f"{shard:06d}.done.json").is_file()
 
 
-def _install_tokenizer(path: Path, digest: str, out: Path) -> Path:
-    """Copy the tokenizer file into `out` under its own name (or check the copy already there)."""
-    local = out / Path(path).name
-    if local.is_file():
-        if load_tokenizer(local).digest != digest:
+def _install_tokenizer(tok, out: Path) -> Path:
+    """Copy the files that define `tok` into `out` (tokenizer.model, or tokenizer.json with the
+    config files that name its BOS/EOS), or check the copy already there; return its main file."""
+    local = find_tokenizer_file(out)
+    if local is not None:
+        if load_tokenizer(local).digest != tok.digest:
             raise DataError(f"prepare.out={out} was prepared with another tokenizer ({local}); use a "
                             f"new prepare.out or the same data.tokenizer")
-    else:
-        write_atomic(local, Path(path).read_bytes())
-    return local
+        return local
+    return copy_tokenizer(tok, out)[0]
 
 
-def _check_plan(out: Path, corpus: Corpus, sizes: list[int], n_shards: int, tok,
+def _check_plan(out: Path, corpus: Corpus, sizes: list[int], n_shards: int, tok, tok_file: str,
                 val_fraction: float, max_chars: int | None, shard_bytes: int) -> None:
     """Write plan.json (the manifest's fixed part) or check that a rerun plans the same work."""
     inputs = [{"path": f.relative_to(corpus.root).as_posix() if f != corpus.root else f.name,
@@ -301,7 +301,7 @@ def _check_plan(out: Path, corpus: Corpus, sizes: list[int], n_shards: int, tok,
         "format": FORMAT_VERSION, "source": corpus.name, "root": str(corpus.root),
         "text_field": corpus.text_field, "max_chars": max_chars, "val_fraction": val_fraction,
         "shard_bytes": shard_bytes, "dtype": token_dtype(tok.vocab_size).name,
-        "tokenizer": {"file": tok.path.name, "digest": tok.digest, "vocab_size": tok.vocab_size,
+        "tokenizer": {"file": tok_file, "digest": tok.digest, "vocab_size": tok.vocab_size,
                       "bos_id": tok.bos_id, "eos_id": tok.eos_id},
         "inputs": inputs,
     }
@@ -400,7 +400,7 @@ def main() -> None:
 def _run_cli(cfg) -> None:
     from train.config import ConfigError
     from train.data.sources import open_corpus
-    from train.data.tokenizer import train_tokenizer
+    from train.data.tokenizer import resolve_tokenizer_path, train_tokenizer
     p, d = cfg.prepare, cfg.data
     if not p.out:
         raise ConfigError("prepare.out is missing: the folder to write the prepared dataset to")
@@ -414,11 +414,12 @@ def _run_cli(cfg) -> None:
     if not 0 <= task_id < num_tasks:
         raise ConfigError(f"prepare.task_id={task_id} is not in [0, prepare.num_tasks={num_tasks})")
     corpus = open_corpus(d.source, d.text_field)
-    if d.tokenizer:
-        tok_path = Path(d.tokenizer).expanduser()
-        if not tok_path.is_file():
-            raise DataError(f"data.tokenizer: {tok_path} does not exist")
-    else:  # trained on the corpus: the same bytes in every task (training is reproducible)
+    if cfg.model.unset_shape_keys:  # model=hf: the vocabulary is model.init_from's config.json
+        from train.hf import resolve_model_shape
+        cfg = resolve_model_shape(cfg)
+    # the tokenizer training would use: data.tokenizer, else model.init_from's, else one trained here
+    tok_path = resolve_tokenizer_path(d, cfg.model)
+    if tok_path is None:  # trained on the corpus: the same bytes in every task (training is reproducible)
         tok_path = out / "tokenizer.model"
         if not tok_path.is_file():
             train_tokenizer(corpus.documents(d.max_chars), cfg.model.vocab_size, tok_path,
