@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from train.config import ProfilingConfig
 
@@ -39,6 +39,7 @@ class StepProfiler:
         self.cuda = device.type == "cuda"
         self.memory = self.cuda and cfg.memory
         self._prof: profile | None = None
+        self._range: record_function | None = None  # "train step N" in the trace
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.memory:
             # Recording from the start: the OOM snapshot then shows how memory got there.
@@ -60,15 +61,23 @@ class StepProfiler:
             self._prof = profile(activities=activities, record_shapes=True, with_stack=False,
                                  profile_memory=self.cfg.memory)
             self._prof.__enter__()
+        if self._prof is not None:
+            self._range = record_function(f"train step {step}")
+            self._range.__enter__()
 
     def step_ended(self, step: int) -> None:
         if self._prof is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
             self._prof.step()
             if step >= self.last:
                 self._finish()
 
     def _finish(self) -> None:
         prof, self._prof = self._prof, None
+        if self._range is not None:  # closed early (an error in the step)
+            self._range.__exit__(None, None, None)
+            self._range = None
         prof.__exit__(None, None, None)
         trace = self._name("trace", "json")
         prof.export_chrome_trace(str(trace))
