@@ -87,7 +87,9 @@ def preempted_run(tmp: Path, overrides: list[str]) -> dict:
     log.seek(0)
     marker = [l for l in log.read().splitlines() if l.startswith("[launch] preempted")]
     record = json.loads(marker[0].split("saved: ", 1)[1].split("; exit")[0]) if marker else {}
+    size = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
     return {"exit_code": code, "signal_to_checkpoint_complete_s": saved and round(saved, 2),
+            "checkpoint_mb": round(size / 1e6, 1),
             "signal_to_exit_s": round(total, 2), "save_s": record.get("save_s"),
             "checkpoint_step": record.get("step")}
 
