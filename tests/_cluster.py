@@ -11,7 +11,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -98,7 +97,3 @@ def signal_after(proc: subprocess.Popen, run_dir: Path, min_step: int, send: Cal
 def child_pids(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
-
-
-def python_cmd() -> str:
-    return sys.executable

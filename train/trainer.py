@@ -18,7 +18,6 @@ with profiling.enable, a `StepProfiler` (train/profiling.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from parallel.distributed import (HangDumps, all_reduce_mean, barrier, clip_grad
                                   gather_rows, init_distributed, is_collective_timeout)
 from parallel.parallelize import load_full_state_dict, parallelize
 from train.checkpoint import CheckpointManager, step_dir_name
-from train.config import Config, ConfigError, to_dict
+from train.config import Config, to_dict
 from train.data import build_data
 from train.layerskip.curriculum import ExitCurriculum
 from train.layerskip.dropout import LayerDropout
@@ -511,7 +510,9 @@ def train_loop(r: Run) -> Path:
                 log_window(r, window, result, tp, metrics)
                 window = LogWindow(r.n_layers)
             if validation_due(cfg, step, last) and not result.preempt:
+                dumps.heartbeat()
                 validate(r, val_batches, metrics)
+            dumps.heartbeat()  # a save may take long: its own watchdog budget
             saved = save_if_due(r, last)
             if result.preempt and not last:
                 raise stop_for_preemption(r, saved)

@@ -4,7 +4,6 @@ and line (exit 2, no traceback), like a configuration error; MFU is never shown 
 per-rank balance picks the slowest and the fastest rank."""
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
