@@ -4,13 +4,14 @@ and line (exit 2, no traceback), like a configuration error; MFU is never shown 
 per-rank balance picks the slowest and the fastest rank."""
 from __future__ import annotations
 
+import logging
 import re
+import sys
 
 import pytest
 import torch
 
 import train.checkpoint as checkpoint
-from tests._launch import run, train_cmd
 from train.checkpoint import CheckpointError, CheckpointManager
 from train.config import CheckpointConfig, ModelConfig
 from train.metrics import mfu_pct, rank_balance
@@ -57,16 +58,32 @@ def test_disk_filling_up_during_the_write_is_named(tmp_path, monkeypatch):
     assert not list((tmp_path / "ckpt").glob("step-*"))
 
 
-def test_bad_data_file_is_one_clean_line(tmp_path):
+def test_bad_data_file_is_one_clean_line(tmp_path, monkeypatch, capsys):
+    """`python -m train` (its Hydra main, called here in-process) on a bad .jsonl line: exit 2 and
+    one ERROR line naming file and line, no traceback."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    import train.__main__ as entry
+    from train.config import register_schemas
     bad = tmp_path / "corpus.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
-    done = run(train_cmd([f"data.source={bad}", f"data.cache_dir={tmp_path / 'cache'}",
-                          f"run_dir={tmp_path / 'run'}", "train.steps=1"]),
-               cwd=tmp_path, timeout_s=120, check=False)
-    assert done.returncode == 2, done.output[-3000:]
-    errors = [l for l in done.output.splitlines() if " ERROR " in l]
-    assert len(errors) == 1 and "data error:" in errors[0] and f"{bad}:2" in errors[0], done.output[-3000:]
-    assert "Traceback" not in done.output
+    register_schemas()
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["train", f"data.source={bad}", f"data.cache_dir={tmp_path / 'cache'}",
+                                      f"run_dir={tmp_path / 'run'}", "train.steps=1"])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            entry.main()
+    finally:  # the entry point configures logging for its process; give pytest's back
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    output = capsys.readouterr().err
+    assert exit_.value.code == 2, output[-3000:]
+    errors = [l for l in output.splitlines() if " ERROR " in l]
+    assert len(errors) == 1 and "data error:" in errors[0] and f"{bad}:2" in errors[0], output[-3000:]
+    assert "Traceback" not in output
 
 
 def test_mfu_above_100_percent_is_not_shown():

@@ -7,6 +7,7 @@ restarts, must not restart the preempted workers)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -83,3 +84,24 @@ def test_signal_to_one_worker_stops_every_rank_without_a_restart(reference, tmp_
     assert seen < saved == max(losses)  # nobody trained on after the save (no restart)
     assert "will restart worker group" not in done.output and "resumed from step" not in done.output
     assert {s: losses[s] for s in range(1, saved + 1)} == {s: want[s] for s in range(1, saved + 1)}
+    last = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["balance/slowest_rank"] in (0, 1) and last["balance/fastest_rank"] in (0, 1)
+    assert last["balance/slowest_step_s"] >= last["balance/fastest_step_s"] > 0
+    assert 0 < last["balance/kept_min"] <= last["balance/kept_max"] <= 1
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_preemption_save_completes_an_async_save_in_flight(tmp_path):
+    """checkpoint.async: the preemption save (blocking) first completes the background save."""
+    from train.checkpoint import CheckpointManager
+    from train.config import CheckpointConfig, ModelConfig
+    from train.model import build_model, init_model
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16,
+                      max_seq_len=64)
+    model = init_model(build_model(cfg, "cpu"), "cpu", 0)
+    ckpt = CheckpointManager(tmp_path, CheckpointConfig(async_save=True, keep=5), model_cfg=cfg)
+    ckpt.save(1, model, None, {"step": 1})
+    assert ckpt._pending is not None  # in flight
+    ckpt.save(2, model, None, {"step": 2}, blocking=True)
+    assert ckpt._pending is None
+    assert sorted(p.parent.name for p in tmp_path.glob("step-*/COMPLETE")) == ["step-0000001", "step-0000002"]
