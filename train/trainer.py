@@ -46,6 +46,7 @@ from train.metrics import MetricsLogger, device_peak_flops, memory_stats, mfu_pc
 from train.model import build_model, flops_per_token, init_model
 from train.optim import build_optimizer, lr_at, set_lr
 from train.preemption import PreemptionWatch, Preempted, write_marker
+from train.preemption import exit_code as preempted_exit_code
 from train.profiling import build_profiler
 
 log = logging.getLogger("train")
@@ -463,8 +464,8 @@ def stop_for_preemption(r: Run, saved: bool) -> Preempted:
     folder = r.ckpt.root / step_dir_name(r.state.step)
     write_marker(r.state.step, signal_name, folder, save_s)
     if r.is_main:
-        log.warning("preempted (%s): saved checkpoint %s in %.1f s; stopping (exit code: README "
-                    "'Running on a cluster')", signal_name, folder, save_s)
+        log.warning("preempted (%s): saved checkpoint %s in %.1f s; stopping with exit code %d",
+                    signal_name, folder, save_s, preempted_exit_code())
     return Preempted(r.state.step, signal_name, folder)
 
 
