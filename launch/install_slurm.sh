@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A one-node Slurm cluster on this machine, for testing launch/slurm.sbatch for real:
 # installs Debian's slurm-wlm and munge (apt-get), writes a minimal slurm.conf for this host and
-# starts munged, slurmctld and slurmd directly (no systemd). Idempotent: a cluster that already
-# answers `sinfo` is left alone. Needs root (or passwordless sudo) and Debian/Ubuntu.
+# starts munged, slurmctld and slurmd directly (no systemd). Idempotent: a running cluster with
+# this configuration is left alone (another configuration is replaced and the daemons
+# restarted). Needs root (or passwordless sudo) and Debian/Ubuntu.
 #   bash launch/install_slurm.sh          # install + start;  exit 0 when `sinfo` shows the node idle
 # Exit status 3: Slurm cannot be installed here (no apt-get, not root, no package); the Slurm test
 # then skips with that reason.
@@ -15,7 +16,6 @@ fi
 HOST="$(hostname -s)"
 
 ready() { timeout 10 sinfo -h -n "$HOST" -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)'; }
-if command -v sinfo >/dev/null && ready; then log "Slurm already running on $HOST"; exit 0; fi
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
   command -v apt-get >/dev/null || { log "no apt-get: cannot install slurm-wlm here"; exit 3; }
@@ -42,18 +42,22 @@ fi
 # slurm.conf for one node: this host, its CPUs and memory. Process tracking by process tree
 # (no cgroups in a container); KillWait is the grace between SIGTERM and SIGKILL when a job is
 # cancelled, requeued or preempted (the README's "Running on a cluster" uses the same number).
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s;
+# 15 s keeps the requeue test short); the schedulers look for startable jobs every 2 s.
 CONF_DIR=/etc/slurm
 [ -d /etc/slurm-llnl ] && [ ! -d /etc/slurm ] && CONF_DIR=/etc/slurm-llnl
 CPUS="$(nproc)"
 MEM_MB="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 $SUDO mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
-$SUDO tee "$CONF_DIR/slurm.conf" >/dev/null <<EOF
+CONF="$(mktemp)"
+cat > "$CONF" <<EOF
 # Written by launch/install_slurm.sh: a one-node test cluster.
 ClusterName=local
 SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=15
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -64,6 +68,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none
@@ -77,6 +82,21 @@ SlurmdParameters=config_overrides
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
+if ! cmp -s "$CONF" "$CONF_DIR/slurm.conf"; then
+  $SUDO cp "$CONF" "$CONF_DIR/slurm.conf"
+  if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+    log "configuration changed: restarting slurmctld and slurmd"
+    $SUDO scontrol shutdown >/dev/null 2>&1 || true
+    for _ in $(seq 1 20); do
+      if ! pgrep -x slurmctld >/dev/null && ! pgrep -x slurmd >/dev/null; then break; fi
+      sleep 0.5
+    done
+  fi
+fi
+rm -f "$CONF"
+if pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && ready; then
+  log "Slurm already running on $HOST"; exit 0
+fi
 
 pgrep -x slurmctld >/dev/null || $SUDO slurmctld || { log "slurmctld did not start (see /var/log/slurm/slurmctld.log)"; exit 3; }
 pgrep -x slurmd >/dev/null || $SUDO slurmd || { log "slurmd did not start (see /var/log/slurm/slurmd.log)"; exit 3; }
