@@ -49,7 +49,11 @@ class StepProfiler:
             def on_oom(device, alloc, device_alloc, device_free) -> None:
                 torch.cuda.memory._dump_snapshot(str(oom_path))
                 log.error("out of memory on rank %d: allocator snapshot in %s", rank, oom_path)
-            torch._C._cuda_attach_out_of_memory_observer(on_oom)
+            attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+            if attach is None:
+                log.warning("this torch build has no out-of-memory observer: no OOM snapshot")
+            else:
+                attach(on_oom)
 
     def _name(self, kind: str, ext: str) -> Path:
         return self.folder / f"{kind}-rank{self.rank}-steps{self.first}-{self.last}.{ext}"
