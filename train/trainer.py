@@ -192,8 +192,8 @@ def run(cfg: Config) -> Path:
     preemption signal asked for (the entry point turns it into the exit code)."""
     # First: a signal that arrives while the run builds must not kill it before it can save.
     watch = PreemptionWatch(cfg.preempt.signals)
-    rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
     try:
+        rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
         r = build_run(cfg, rank, world, device)
         r.preemption = watch
         resume(r)
