@@ -3,11 +3,10 @@
 #   bash launch/multi_node.sh --nnodes 8 --node-rank 0 --endpoint host0:29500 --run-id exp42 [hydra overrides]
 # Under Slurm the values default to SLURM_NNODES, SLURM_NODEID, the first host of
 # SLURM_JOB_NODELIST and SLURM_JOB_ID.
+# A preemption signal (SIGTERM, SIGUSR1) saves a checkpoint and exits 75 (launch/_torchrun.sh).
 set -euo pipefail
-# torch 2.13: restarted workers can fail to rejoin when torchrun shares its rendezvous store
-# across restarts (pytorch/pytorch#135712); a fresh store per restart avoids it.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 cd "$(dirname "$0")/.."
+source launch/_torchrun.sh
 NNODES="${SLURM_NNODES:-1}"
 NODE_RANK="${SLURM_NODEID:-0}"
 RUN_ID="${SLURM_JOB_ID:-}"
@@ -29,6 +28,6 @@ done
 : "${ENDPOINT:?give --endpoint HOST:PORT (the rendezvous host, reachable from every node)}"
 : "${RUN_ID:?give --run-id ID (the same on every node; names the run directory)}"
 NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
-exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC" \
+run_torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC" \
   --rdzv-backend=c10d --rdzv-endpoint="$ENDPOINT" --rdzv-id="$RUN_ID" \
-  --max-restarts="${MAX_RESTARTS:-3}" -m train "$@"
+  --max-restarts="${MAX_RESTARTS:-3}" -m train "$@" && exit 0 || exit $?

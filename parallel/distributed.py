@@ -8,13 +8,22 @@ DTensor, metric reductions) then never branches on "distributed or not".
 Backend: NCCL on CUDA, gloo on CPU. The group's timeout bounds every collective: with gloo a
 collective that a peer never joins raises after `timeout_s`; with NCCL the watchdog aborts the
 process after `timeout_s`. Either way a rank that fell out of step fails instead of hanging.
+
+Hangs leave evidence (`HangDumps`): every rank arms a faulthandler watchdog that writes all its
+threads' Python stacks to `<dump dir>/stacks-rank<r>.txt` when the rank makes no progress for a
+little less than the collective timeout (every rank of a hung job stalls, so every rank dumps,
+each showing where it is); on NCCL, torch's flight recorder (TORCH_NCCL_TRACE_BUFFER_SIZE and
+TORCH_NCCL_DUMP_ON_TIMEOUT, set by the launch scripts) writes the last collectives of every rank
+to `<dump dir>/nccl_trace_rank_<r>` when the watchdog times out.
 """
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -83,6 +92,62 @@ def all_reduce_mean(
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=pg)
     packed /= dist.get_world_size(pg)
     return dict(zip(keys, packed.tolist()))
+
+
+def gather_rows(values: list[float], group: dist.ProcessGroup | DeviceMesh | None = None,
+                ) -> list[list[float]]:
+    """Every rank's `values` (the same length on every rank), by rank: one all-gather of a
+    small float64 vector. Means, maxima and minima over the ranks all come from one collective."""
+    if not dist.is_initialized():
+        return [[float(v) for v in values]]
+    pg = _process_group(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" \
+        else torch.device("cpu")
+    mine = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(rows, mine, group=pg)
+    return torch.stack(rows).tolist()
+
+
+NCCL_TRACE_PREFIX = "nccl_trace_rank_"
+
+
+class HangDumps:
+    """Per-rank hang evidence in `folder` (see the module docstring). `heartbeat()` after each unit
+    of progress (a training step) re-arms the watchdog; `close()` disarms it."""
+
+    def __init__(self, folder: str | Path, rank: int, after_s: float):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / f"stacks-rank{rank}.txt"
+        self.after_s = after_s
+        self._file = open(self.path, "a")
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(self.folder / NCCL_TRACE_PREFIX))
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        faulthandler.dump_traceback_later(self.after_s, repeat=False, file=self._file)
+
+    def dump_now(self) -> None:
+        faulthandler.dump_traceback(file=self._file, all_threads=True)
+        self._file.flush()
+
+    def describe(self) -> str:
+        where = f"every rank's Python stacks: {self.folder}/stacks-rank*.txt"
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            where += f"; NCCL flight recorder: {self.folder}/{NCCL_TRACE_PREFIX}*"
+        return where
+
+    def close(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        self._file.close()
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """A collective that a peer never joined: gloo raises 'Timed out waiting ...', NCCL's
+    watchdog a DistBackendError."""
+    return isinstance(error, dist.DistBackendError) or (
+        isinstance(error, RuntimeError) and "timed out" in str(error).lower())
 
 
 def _norm_of(grads: list[torch.Tensor], foreach: bool | None) -> torch.Tensor:

@@ -3,6 +3,10 @@
 Hydra composes recipes/train.yaml with the overrides on every rank; the result is converted once
 into the typed `Config` (errors name the key) and handed to the trainer. Hydra itself writes
 nothing: the trainer's global rank 0 owns the run directory.
+
+Exit status: 0 done; 2 invalid configuration or data (one line naming the key or the file);
+75 preempted after saving a checkpoint (0 under torchrun, see train/preemption.py; the launch
+scripts exit 75); 1 anything else (with its traceback).
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train.config import ConfigError, load_config, register_schemas
+from train.data.sources import DataError
+from train.preemption import Preempted
+from train.preemption import exit_code as preempted_exit_code
 
 RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
 
@@ -52,6 +59,12 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         logging.getLogger("train").error("invalid configuration: %s", e)
         sys.exit(2)
+    except DataError as e:  # bad input, like a bad setting: one line naming the file, no traceback
+        logging.getLogger("train").error("data error: %s", e)
+        sys.exit(2)
+    except Preempted as e:
+        logging.getLogger("train").warning("%s; rerun the same command to resume", e)
+        sys.exit(preempted_exit_code())
 
 
 if __name__ == "__main__":

@@ -38,10 +38,16 @@ complete checkpoints beyond `keep` and leftover `.tmp-`/`.old-` folders are dele
 new checkpoint is in place. On resume every file is checked against the manifest (sizes by every
 rank, checksums shared out over the ranks); a damaged checkpoint is skipped with a warning in
 favour of the previous one (`resume=latest`) or refused (`resume=<step>`).
+
+Before writing, a save checks the free space of the checkpoint folder against the size of the
+last complete checkpoint (the first save: against the bytes of the state to be written) and stops
+with a message naming the folder and both sizes; a save that fails for lack of space anyway says
+so. Either way the previous checkpoints are untouched (only a complete new one retires them).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -123,6 +129,46 @@ def checksum_owner(name: str, world: int) -> int:
     that rank's cache), rank 0 for the rest. Modulo `world`, so it works on any layout."""
     m = _DISTCP_RANK.match(Path(name).name)
     return int(m.group(1)) % world if m else 0
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for this user on the file system that holds `path` (or its nearest existing
+    parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain, or the torch serializer's short-write error."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "unexpected pos" in str(error) or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _state_bytes(state: dict) -> int:
+    """Bytes of the tensors in a (nested) state dict that this rank holds."""
+    total = 0
+    for v in state.values():
+        if isinstance(v, dict):
+            total += _state_bytes(v)
+        elif isinstance(v, DTensor):
+            total += v.to_local().nbytes
+        elif isinstance(v, torch.Tensor):
+            total += v.nbytes
+    return total
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -327,10 +373,11 @@ class CheckpointManager:
         return periodic or (last and self.cfg.save_final)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-             extra: dict) -> None:
+             extra: dict, blocking: bool = False) -> None:
         """Save model + optimizer (DCP) and `extra` (JSON) as checkpoint `step`. With
-        checkpoint.async the write continues in the background and is completed by the next
-        `save` or `wait`; `extra` is serialised now, so later changes to it do not leak in."""
+        checkpoint.async (and not `blocking`) the write continues in the background and is
+        completed by the next `save` or `wait`; `extra` is serialised now, so later changes to it
+        do not leak in. Raises CheckpointError, before writing, when the disk is too full."""
         self.wait()
         final = self.root / step_dir_name(step)
         tmp = final.with_name(f"{final.name}.tmp-{self._nonce}")
@@ -340,19 +387,62 @@ class CheckpointManager:
                 "model": model_fingerprint(self.model_cfg),
                 "model_config": dataclasses.asdict(self.model_cfg), "extra": extra}
         text = json.dumps(meta, indent=1)  # fails here, loudly, on a non-JSON value in `extra`
-        tmp.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            _write_durably(tmp / META, text)
         state = self._state_dict(model, optimizer)
+        self._check_space(step, _state_bytes(state) + len(text))
         pending = _PendingSave(step, tmp, final, time.perf_counter())
-        if self.cfg.async_save:
-            response = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp),
-                                      **self._dcp_kwargs())
-            pending.future = getattr(response, "upload_completion", response)
-            self._pending = pending
-        else:
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), **self._dcp_kwargs())
-            self._finalise(pending)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:
+                _write_durably(tmp / META, text)
+            if self.cfg.async_save and not blocking:
+                response = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp),
+                                          **self._dcp_kwargs())
+                pending.future = getattr(response, "upload_completion", response)
+                self._pending = pending
+            else:
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), **self._dcp_kwargs())
+                self._finalise(pending)
+        except Exception as e:
+            self._raise_if_out_of_space(e, pending)
+            raise
+
+    def _check_space(self, step: int, local_bytes: int) -> None:
+        """Collective: every rank stops, with the same message, when the checkpoint folder has
+        less free space than the last complete checkpoint took (no checkpoint yet: than the
+        state all ranks are about to write)."""
+        total = sum(self._all_gather(local_bytes))
+        problem = None
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            complete = complete_checkpoints(self.root)
+            need, what = total, "the state to save"
+            if complete:
+                last = complete[-1][1]
+                try:
+                    need = sum(e["size"] for e in read_manifest(last).values())
+                    what = f"the last checkpoint ({last.name})"
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            free = free_bytes(self.root)
+            if free < need:
+                problem = (f"not enough free space to save checkpoint step {step}: {self.root} has "
+                           f"{_human(free)} free, {what} takes {_human(need)}. Free some space "
+                           f"(or lower checkpoint.keep, or give run_dir on a larger disk) and rerun: "
+                           f"the run resumes from its last complete checkpoint, which is intact.")
+        problem = self._broadcast(problem)
+        if problem:
+            raise CheckpointError(problem)
+
+    def _raise_if_out_of_space(self, error: BaseException, p: _PendingSave) -> None:
+        """A write that failed because the disk filled up: drop the partial folder (it is never
+        loaded anyway) and say what happened instead of the serializer's riddle."""
+        if not _is_out_of_space(error):
+            return
+        shutil.rmtree(p.tmp, ignore_errors=True)
+        raise CheckpointError(f"the disk filled up while saving checkpoint step {p.step} in "
+                              f"{self.root} ({_human(free_bytes(self.root))} free now): {error}. "
+                              f"The previous checkpoints are intact; free some space and rerun "
+                              f"to resume from the last one.") from error
 
     def wait(self) -> None:
         """Complete a pending asynchronous save: wait for its writes, then manifest, marker,
@@ -360,8 +450,12 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        pending.future.result()
-        self._finalise(pending)
+        try:
+            pending.future.result()
+            self._finalise(pending)
+        except Exception as e:
+            self._raise_if_out_of_space(e, pending)
+            raise
 
     def _finalise(self, p: _PendingSave) -> None:
         self._barrier()  # every rank's files are written

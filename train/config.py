@@ -380,6 +380,35 @@ class EvalConfig:
 
 
 @dataclass
+class PreemptConfig:
+    """What a preemption signal does: finish the step, save, exit 75 (README "Running on a
+    cluster")."""
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # [] disables
+
+    def validate(self) -> None:
+        import signal
+        for i, name in enumerate(self.signals):
+            if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"preempt.signals[{i}]: {name!r} is not a signal that can be "
+                                  f"handled (e.g. SIGTERM, SIGUSR1)")
+
+
+@dataclass
+class ProfilingConfig:
+    """torch.profiler traces of chosen steps, per rank, under RUN_DIR/profile/ (off: no cost)."""
+    enable: bool = False
+    start_step: int = 3  # first profiled step (1-based, as logged); early steps warm up
+    steps: int = 2  # profiled steps
+    memory: bool = True  # CUDA: memory snapshot of the profiled steps, and one on out-of-memory
+
+    def validate(self) -> None:
+        if self.start_step < 1:
+            raise ConfigError(f"profiling.start_step must be >= 1, got {self.start_step}")
+        if self.steps < 1:
+            raise ConfigError(f"profiling.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
 class RunConfig:
     steps: int = 200
     seed: int = 0
@@ -408,6 +437,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: RunConfig = field(default_factory=RunConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     run_dir: str | None = None  # default: outputs/<run id>
     experiment: str = "quickstart"
 
@@ -421,6 +452,8 @@ class Config:
         self.eval.validate()
         self.train.validate()
         self.prepare.validate()
+        self.preempt.validate()
+        self.profiling.validate()
         if self.model.unset_shape_keys:  # model=hf: checked again once the shape is read
             return
         self.layerskip.dropout.validate(self.model.n_layers)

@@ -77,8 +77,9 @@ class MetricsLogger:
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:
     """Peak dense bf16 FLOP/s of the device for MFU, and where the number comes from. On a CPU there
-    is no datasheet number we can know, so we measure the fp32 matmul rate once (a generous
-    practical peak, so CPU MFU reads low rather than flattering)."""
+    is no datasheet number we can know, so we measure the fp32 matmul rate: the best of several
+    short trials (a busy machine slows some trials, rarely all of them), so the peak is stable and
+    CPU MFU reads low rather than flattering."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -87,16 +88,36 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
             if key in name:
                 return peak, f"{name} datasheet bf16 dense"
         return 312e12, f"{name} (unknown; assuming A100 bf16 dense)"
-    n = 1024
+    n, reps, trials = 1024, 2, 5
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    t0 = time.perf_counter()
-    reps = 8
-    for _ in range(reps):
-        a @ b
-    dt = time.perf_counter() - t0
-    return 2 * n**3 * reps / dt, f"measured fp32 matmul, {torch.get_num_threads()} thread(s) per process"
+    a @ b
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best, (f"measured fp32 matmul, best of {trials} trials, "
+                                    f"{torch.get_num_threads()} thread(s) per process")
+
+
+def mfu_pct(flops: float, seconds: float, world: int, peak: float) -> float | None:
+    """Model FLOPs utilisation in percent, or None when it would exceed 100 %: then the peak it is
+    measured against is wrong (a CPU peak measured on a busy machine), and no figure is better
+    than an impossible one."""
+    pct = 100.0 * flops / seconds / world / peak
+    return pct if pct <= 100.0 else None
+
+
+def rank_balance(step_s: list[float], kept: list[float]) -> dict[str, float]:
+    """The slowest and the fastest rank (by mean step time over the logging window) with their
+    kept-sample fractions: layer dropout in `global` mode gives ranks unequal work by design."""
+    slow = max(range(len(step_s)), key=step_s.__getitem__)
+    fast = min(range(len(step_s)), key=step_s.__getitem__)
+    return {"balance/slowest_rank": slow, "balance/slowest_step_s": step_s[slow],
+            "balance/slowest_kept": kept[slow], "balance/fastest_rank": fast,
+            "balance/fastest_step_s": step_s[fast], "balance/fastest_kept": kept[fast],
+            "balance/kept_min": min(kept), "balance/kept_max": max(kept)}
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

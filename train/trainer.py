@@ -9,12 +9,15 @@ The phases, in the order a run goes through them, each in one place:
     resume        restore model, optimizer, data position and schedules from the newest checkpoint
     train_loop    step after step: `train_step` (one optimizer step over grad_accum micro-batches),
                   `LogWindow` / `log_window` (the metrics line), `validate` (held-out loss of every
-                  exit), `save_if_due` (periodic and final checkpoints)
+                  exit), `save_if_due` (periodic and final checkpoints), `stop_for_preemption`
+                  (a signalled run saves and stops, train/preemption.py)
+
+Around the loop: `HangDumps` (every rank's stacks when it stalls, parallel/distributed.py) and,
+with profiling.enable, a `StepProfiler` (train/profiling.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,25 +33,33 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch import nn
 
 from parallel.dims import ParallelDims
-from parallel.distributed import all_reduce_mean, clip_grad_norm_, destroy, init_distributed
+from parallel.distributed import (HangDumps, all_reduce_mean, clip_grad_norm_, destroy,
+                                  gather_rows, init_distributed, is_collective_timeout)
 from parallel.parallelize import load_full_state_dict, parallelize
-from train.checkpoint import CheckpointManager
-from train.config import Config, ConfigError, to_dict
+from train.checkpoint import CheckpointManager, step_dir_name
+from train.config import Config, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
 from train.layerskip.agreement import with_agreement
 from train.layerskip.curriculum import ExitCurriculum
 from train.layerskip.dropout import LayerDropout
 from train.layerskip.exit_loss import make_exit_loss
-from train.metrics import MetricsLogger, device_peak_flops, memory_stats
+from train.metrics import MetricsLogger, device_peak_flops, memory_stats, mfu_pct, rank_balance
 from train.model import build_model, flops_per_token, init_model
 from train.optim import build_optimizer, lr_at, set_lr
+from train.preemption import PreemptionWatch, Preempted, write_marker
+from train.preemption import exit_code as preempted_exit_code
+from train.profiling import build_profiler
 
 log = logging.getLogger("train")
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective a peer never joined; the message names the hang dumps."""
 
 
 @dataclasses.dataclass
@@ -167,6 +178,7 @@ class Run:
     ckpt: CheckpointManager
     state: TrainState = dataclasses.field(default_factory=TrainState)
     nan_streak: int = 0  # consecutive steps skipped for a non-finite loss (not checkpointed)
+    preemption: PreemptionWatch | None = None  # set by run(): the signals that stop the run
 
     @property
     def is_main(self) -> bool:
@@ -184,12 +196,18 @@ class Run:
 
 
 def run(cfg: Config) -> Path:
-    rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
+    """Train as `cfg` says; returns the run directory. Raises `Preempted` after the checkpoint a
+    preemption signal asked for (the entry point turns it into the exit code)."""
+    # First: a signal that arrives while the run builds must not kill it before it can save.
+    watch = PreemptionWatch(cfg.preempt.signals)
     try:
+        rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
         r = build_run(cfg, rank, world, device)
+        r.preemption = watch
         resume(r)
         return train_loop(r)
     finally:
+        watch.close()
         destroy()
 
 
@@ -261,18 +279,23 @@ def resume(r: Run) -> None:
 
 @dataclasses.dataclass
 class StepResult:
-    """One optimizer step, as every rank agrees on it (means over the data-parallel ranks)."""
+    """One optimizer step, as every rank agrees on it (means over the ranks; tensor-parallel
+    ranks of a group hold the same values, so these are the data-parallel means)."""
     lr: float
     weights: dict[int, float]  # active exit -> normalised weight (the last layer included)
     losses: dict[str, float]  # "total" and one entry per active exit (str(layer))
     grad_norm: float
     kept: list[float]  # per block: fraction of the global batch's samples that ran it
+    rank_step_s: list[float]  # by rank: seconds from the step's start to its metrics sync
+    rank_kept: list[float]  # by rank: mean over blocks of the fraction of its samples kept
+    preempt: bool  # some rank received a preemption signal
 
 
 def train_step(r: Run, batches: Iterator) -> StepResult:
     """Forward + backward over grad_accum micro-batches, clip, reduce the metrics over the
     data-parallel ranks, optimizer step (skipped for a non-finite loss), state.step += 1."""
     cfg, L, step = r.cfg, r.n_layers, r.state.step
+    started = time.perf_counter()
     accum = cfg.train.grad_accum
     fsdp = isinstance(r.model, FSDPModule)
     set_lr(r.optimizer, lr := lr_at(step, cfg.train.steps, cfg.optim))
@@ -297,13 +320,21 @@ def train_step(r: Run, batches: Iterator) -> StepResult:
     # the step's one device->host sync: losses and the gradient norm together
     host = torch.cat([totals.double(), norm.to(totals.device, torch.float64).reshape(1)]).tolist()
     grad_norm = host.pop()
-    reduced = all_reduce_mean({"total": host[0], **{str(l): v for l, v in zip(weights, host[1:])},
-                               **{f"kept/{l}": k for l, k in enumerate(kept)}}, r.dp_group)
-    kept = [reduced.pop(f"kept/{l}") for l in range(L)]  # the global batch's, not this rank's
-    _optimizer_step(r, reduced["total"], grad_norm, step)
+    # The step's one collective for metrics: every rank's losses, kept fractions, step time and
+    # preemption flag, so the means, the slowest/fastest rank and "anyone signalled" agree.
+    signalled = float(r.preemption is not None and r.preemption.requested)
+    rows = gather_rows(host + kept + [time.perf_counter() - started, signalled])
+    n = len(rows)
+    mean = [sum(col) / n for col in zip(*rows)]
+    losses = {"total": mean[0], **{str(l): v for l, v in zip(weights, mean[1:len(host)])}}
+    kept = mean[len(host):len(host) + L]  # the global batch's, not this rank's
+    _optimizer_step(r, losses["total"], grad_norm, step)
     r.state.step += 1
     r.state.tokens_seen += cfg.data.batch_size * cfg.data.seq_len * accum * r.dims.dp_world
-    return StepResult(lr=lr, weights=weights, losses=reduced, grad_norm=grad_norm, kept=kept)
+    return StepResult(lr=lr, weights=weights, losses=losses, grad_norm=grad_norm, kept=kept,
+                      rank_step_s=[row[-2] for row in rows],
+                      rank_kept=[sum(row[len(host):len(host) + L]) / L for row in rows],
+                      preempt=any(row[-1] > 0 for row in rows))
 
 
 def _optimizer_step(r: Run, loss: float, grad_norm: float, step: int) -> None:
@@ -344,6 +375,8 @@ class LogWindow:
         self.tokens, self.flops, self.steps = 0, 0.0, 0
         self.exits: dict[int, list[tuple[float, float]]] = {}  # exit -> [(loss, weight)]
         self.kept = [0.0] * n_layers  # per-block kept fractions summed over the steps
+        self.rank_step_s: list[float] = []  # by rank, summed over the steps
+        self.rank_kept: list[float] = []
 
     def add(self, result: StepResult, tokens: int, tp: Throughput) -> None:
         kept_mean = sum(result.kept) / len(result.kept)
@@ -354,6 +387,10 @@ class LogWindow:
         self.kept = [a + k for a, k in zip(self.kept, result.kept)]
         for l, w in result.weights.items():
             self.exits.setdefault(l, []).append((result.losses[str(l)], w))
+        self.rank_step_s = [a + b for a, b in zip(self.rank_step_s or [0.0] * len(result.rank_step_s),
+                                                  result.rank_step_s)]
+        self.rank_kept = [a + b for a, b in zip(self.rank_kept or [0.0] * len(result.rank_kept),
+                                                result.rank_kept)]
 
 
 def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
@@ -364,13 +401,17 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
         torch.cuda.synchronize(r.device)
     dt = time.perf_counter() - window.started
     tps = window.tokens / dt
-    mfu = window.flops / dt / r.world / tp.peak
+    mfu = mfu_pct(window.flops, dt, r.world, tp.peak)  # None: above 100 %, the peak is not trusted
     step_time = dt / window.steps
+    balance = rank_balance([t / window.steps for t in window.rank_step_s],
+                           [k / window.steps for k in window.rank_kept])
     values = {"loss/total": last.losses["total"], "optim/lr": last.lr, "optim/grad_norm": last.grad_norm,
-              "throughput/tokens_per_s": tps, "throughput/mfu_pct": 100 * mfu,
-              "throughput/step_time_s": step_time, "throughput/tokens_seen": r.state.tokens_seen,
+              "throughput/tokens_per_s": tps, "throughput/step_time_s": step_time,
+              "throughput/tokens_seen": r.state.tokens_seen,
               "layerskip/saved_block_compute": 1.0 - sum(window.kept) / (L * window.steps),
-              **memory_stats(r.device), **r.data.train_tokens_by_source()}
+              **balance, **memory_stats(r.device), **r.data.train_tokens_by_source()}
+    if mfu is not None:
+        values["throughput/mfu_pct"] = mfu
     for l, seen in sorted(window.exits.items()):
         values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
         values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
@@ -380,7 +421,9 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
     eta = (cfg.train.steps - step) * step_time
     metrics.log(step, values, console=(
         f"step {step:>6}/{cfg.train.steps} | loss {last.losses['total']:.4f} | lr {last.lr:.2e} | "
-        f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+        f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | "
+        f"MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
+        f"ranks {balance['balance/fastest_step_s']:.3f}-{balance['balance/slowest_step_s']:.3f}s | "
         f"exits {sorted(window.exits)} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
 
 
@@ -413,10 +456,31 @@ def validation_due(cfg: Config, step: int, last: bool) -> bool:
 
 # --------------------------------------------------------------------------- save
 
-def save_if_due(r: Run, last: bool) -> None:
-    """Periodic checkpoints (checkpoint.interval) and the final one (checkpoint.save_final)."""
+def save_if_due(r: Run, last: bool) -> bool:
+    """Periodic checkpoints (checkpoint.interval) and the final one (checkpoint.save_final);
+    True when this step was saved."""
     if r.ckpt.should_save(r.state.step, last):
         r.ckpt.save(r.state.step, r.model, r.optimizer, r.extra_state())
+        return True
+    return False
+
+
+def stop_for_preemption(r: Run, saved: bool) -> Preempted:
+    """Every rank learnt (in the step's sync) that some rank was signalled: complete the
+    checkpoint of the step just finished, synchronously, and return the `Preempted` to raise."""
+    started = time.perf_counter()
+    if saved:
+        r.ckpt.wait()  # an async save of this very step: complete it
+    else:
+        r.ckpt.save(r.state.step, r.model, r.optimizer, r.extra_state(), blocking=True)
+    save_s = time.perf_counter() - started
+    signal_name = (r.preemption.received if r.preemption else None) or "a peer's signal"
+    folder = r.ckpt.root / step_dir_name(r.state.step)
+    write_marker(r.state.step, signal_name, folder, save_s)
+    if r.is_main:
+        log.warning("preempted (%s): saved checkpoint %s in %.1f s; stopping with exit code %d",
+                    signal_name, folder, save_s, preempted_exit_code())
+    return Preempted(r.state.step, signal_name, folder)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -443,23 +507,45 @@ def train_loop(r: Run) -> Path:
     source_val = {name: [(i.to(r.device), y.to(r.device)) for i, y in batches]  # mixtures: per source
                   for name, batches in r.data.source_val_batches(cfg.eval.batches).items()}
     step_tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * r.dims.dp_world
+    # A little under the collective timeout: a stalled rank dumps before its peers' collective fails.
+    dumps = HangDumps(r.run_dir / "dumps", r.rank, after_s=0.9 * cfg.parallel.timeout_s)
+    profiler = build_profiler(cfg.profiling, r.run_dir / "profile", r.rank, r.device)
     try:
         if r.state.step == 0 and cfg.eval.every > 0:
             validate(r, val_batches, metrics, source_val)
         batches = iter(r.data.train)
         window = LogWindow(r.n_layers)
         while r.state.step < cfg.train.steps:
+            dumps.heartbeat()
+            if profiler:
+                profiler.step_begins(r.state.step + 1)
             result = train_step(r, batches)
+            if profiler:
+                profiler.step_ended(r.state.step)
             window.add(result, step_tokens, tp)
             step, last = r.state.step, r.state.step == cfg.train.steps
-            if step % cfg.logging.every == 0 or last:
+            if step % cfg.logging.every == 0 or last or result.preempt:
                 log_window(r, window, result, tp, metrics)
                 window = LogWindow(r.n_layers)
-            if validation_due(cfg, step, last):
+            if validation_due(cfg, step, last) and not result.preempt:
+                dumps.heartbeat()
                 validate(r, val_batches, metrics, source_val)
-            save_if_due(r, last)
+            dumps.heartbeat()  # a save may take long: its own watchdog budget
+            saved = save_if_due(r, last)
+            if result.preempt and not last:
+                raise stop_for_preemption(r, saved)
         r.ckpt.wait()  # collective: only on the success path (a failing rank must not block the others)
+    except Exception as e:
+        if not is_collective_timeout(e):
+            raise
+        dumps.dump_now()
+        raise CollectiveTimeoutError(f"a collective timed out on rank {r.rank} (parallel.timeout_s="
+                                     f"{cfg.parallel.timeout_s:g}): {e}. Where each rank was: "
+                                     f"{dumps.describe()}") from e
     finally:
+        dumps.close()
+        if profiler:
+            profiler.close()
         metrics.close()
     if r.is_main:
         log.info("done: %d steps, %d tokens; run directory %s", r.state.step, r.state.tokens_seen,

@@ -1,0 +1,39 @@
+# Sourced by single_node.sh and multi_node.sh: `run_torchrun ARGS...` runs torchrun ARGS so that
+# a run survives a cluster (README "Running on a cluster"):
+# - torchrun handles SIGUSR1 as well as SIGTERM/SIGINT/SIGHUP/SIGQUIT (Slurm's early-warning
+#   signal would otherwise kill the agent outright) and forwards them to the workers, which save a
+#   checkpoint and stop; torchrun SIGKILLs workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by
+#   default) after the signal, so the save must fit in that grace period;
+# - a signal sent to this shell is passed on to torchrun;
+# - a preempted run exits 75 (the workers leave the marker file LAYERSKIP_PREEMPT_MARKER names),
+#   whatever torchrun's own status (1 when it was signalled, 0 when only the workers were);
+# - NCCL's flight recorder keeps the last collectives of every rank and dumps them when a
+#   collective times out (the trainer points the dump at RUN_DIR/dumps/).
+# torch 2.13: restarted workers can fail to rejoin when torchrun shares its rendezvous store
+# across restarts (pytorch/pytorch#135712); a fresh store per restart avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# torchrun's --signals-to-handle (torch >= 2.13), as its environment default (older torch ignores it)
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
+export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
+EXIT_PREEMPTED=75
+
+run_torchrun() {
+  local marker pid rc=0
+  marker="$(mktemp -u "${TMPDIR:-/tmp}/layerskip-preempted.XXXXXXXX")"
+  LAYERSKIP_PREEMPT_MARKER="$marker" torchrun "$@" &
+  pid=$!
+  # shellcheck disable=SC2064
+  for sig in TERM INT USR1 HUP; do trap "kill -s $sig $pid 2>/dev/null || true" "$sig"; done
+  while :; do  # `wait` returns early when a trapped signal arrives; wait until torchrun is gone
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - TERM INT USR1 HUP
+  if [ -f "$marker" ]; then
+    echo "[launch] preempted, checkpoint saved: $(cat "$marker"); exit $EXIT_PREEMPTED (rerun to resume)" >&2
+    rm -f "$marker"
+    return "$EXIT_PREEMPTED"
+  fi
+  return "$rc"
+}
