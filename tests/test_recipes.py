@@ -109,7 +109,8 @@ def test_quickstart_with_layerskip_none_logs_no_dropout_and_no_exit_loss(tmp_pat
     cfg = _compose(["layerskip=none", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
                     f"run_dir={tmp_path / 'run'}", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
                     "model.n_kv_heads=1", "model.vocab_size=512", "model.multiple_of=16",
-                    "model.max_seq_len=32", "data.seq_len=16", "data.batch_size=4", "train.steps=4",
+                    "model.max_seq_len=32", "data.seq_len=16", "data.batch_size=4", "data.val_fraction=0.2",
+                    "train.steps=4",
                     "logging.every=2", "logging.tensorboard=false", "eval.every=0", "eval.batches=1",
                     "checkpoint.interval=0", "checkpoint.save_final=false"])
     assert cfg.experiment == "quickstart"
