@@ -49,6 +49,9 @@ def main(cfg: DictConfig) -> None:
             from train.memory_estimate import dry_run
             dry_run(config, " ".join(["python -m train", *sys.argv[1:]]))
             return
+        # An imported model without a tokenizer stops here, before a run directory exists.
+        from train.data.tokenizer import resolve_tokenizer_path
+        resolve_tokenizer_path(config.data, config.model)
         # The layout needs only the world size: check it before the heavy imports.
         from parallel.dims import ParallelDims
         world = int(os.environ.get("WORLD_SIZE", "1"))
