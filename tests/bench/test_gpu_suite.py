@@ -70,7 +70,7 @@ def test_report_on_gpu_figures(tmp_path):
     if not (anchor / "summarize.py").is_file():
         anchor = ROOT / ".gpu_suite" / "anchor"
     if not (anchor / "summarize.py").is_file():
-        pytest.skip("no anchor kit beside the checkout")
+        pytest.skip(reason="no anchor kit beside the checkout (../shared/anchor or .gpu_suite/anchor)")
     work = tmp_path
     steps = ["titan_eager", "prep", "estimate", "ours_eager", "titan_compile", "ours_compile",
              "layerskip_cost", "paper"]

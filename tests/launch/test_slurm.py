@@ -25,11 +25,11 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 def slurm():
     """A running one-node Slurm, installed and started by the repository's script if need be."""
     if shutil.which("bash") is None:
-        pytest.skip("no bash")
+        pytest.skip(reason="no bash")
     done = subprocess.run(["bash", str(ROOT / "launch" / "install_slurm.sh")], capture_output=True,
                           text=True, timeout=600)
     if done.returncode != 0:
-        pytest.skip("Slurm cannot be installed or started here (launch/install_slurm.sh exit "
+        pytest.skip(reason="Slurm cannot be installed or started here (launch/install_slurm.sh exit "
                     f"{done.returncode}): {done.stdout.strip().splitlines()[-1:]}")
 
 
