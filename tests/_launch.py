@@ -119,9 +119,10 @@ def wait_all(launches: list[Launch], timeout_s: float) -> list[Finished]:
     return done
 
 
-def run(cmd: list[str], cwd: Path, timeout_s: float, check: bool = True) -> Finished:
+def run(cmd: list[str], cwd: Path, timeout_s: float, check: bool = True,
+        env: dict[str, str] | None = None) -> Finished:
     """Start one command and wait for it; with `check`, a non-zero exit raises with its output."""
-    (done,) = wait_all([start(cmd, cwd)], timeout_s)
+    (done,) = wait_all([start(cmd, cwd, env)], timeout_s)
     return done.check() if check else done
 
 

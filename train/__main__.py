@@ -42,6 +42,8 @@ def main(cfg: DictConfig) -> None:
     _setup_logging()
     try:
         config = load_config(cfg)
+        from train.hub import resolve_hub_ids  # Hub ids -> local folders, before anything reads them
+        config = resolve_hub_ids(config)
         if config.model.unset_shape_keys:  # model=hf: the shape is model.init_from's config.json
             from train.hf import resolve_model_shape
             config = resolve_model_shape(config)

@@ -4,9 +4,10 @@
         [--exits 2,4,6] [--draft 2,4,8] [--max-new-tokens 64] [--prompts N] [--max-tokens N]
 
 --model is a Hugging Face export (config.json + safetensors + the run's tokenizer: tokenizer.model
-or tokenizer.json) or a run directory holding one at RUN_DIR/hf/ (`python -m train.export --run
-RUN_DIR --out RUN_DIR/hf` writes it; training runs export there when they finish). The held-out
-text is --text, else HF_DIR/heldout.txt.
+or tokenizer.json), a Hugging Face Hub id (org/name[@revision], train/hub.py), or a run directory
+holding an export at RUN_DIR/hf/ (`python -m train.export --run RUN_DIR --out RUN_DIR/hf` writes
+it; training runs export there when they finish). The held-out text is --text, else
+HF_DIR/heldout.txt.
 
 Reports (table on stdout, --json, --plot):
 1. Perplexity of every exit E = 1..L (E blocks, then the shared norm + head) on the held-out text
@@ -41,6 +42,9 @@ from train.model import LayerSkipLlama
 
 
 def resolve_hf_dir(path: str) -> Path:
+    from train.hub import hub_folder
+    if (folder := hub_folder(path, "--model")) is not None:
+        return folder
     p = Path(path)
     for cand in (p, p / "hf"):
         if (cand / "config.json").is_file():

@@ -13,7 +13,8 @@ TASKS are lm-eval task names (`hellaswag,arc_easy`, which lm-eval downloads), or
 local YAML files over local data in the folder given by --include-path (lm-eval's own option;
 clusters are often offline): see the README's "Evaluating a checkpoint".
 
---model: a Hugging Face export (config.json + safetensors + tokenizer), or a run directory, whose
+--model: a Hugging Face export (config.json + safetensors + tokenizer), a Hugging Face Hub id
+(org/name[@revision], fetched by train/hub.py), or a run directory, whose
 newest complete checkpoint (or --step N) is first exported to a temporary folder so that the
 report can name the checkpoint step (a run directory without checkpoints but with RUN_DIR/hf
 uses that export; its step is then unknown, null).
@@ -52,7 +53,10 @@ def _require_lm_eval():
 @contextlib.contextmanager
 def resolve_model(path: str, step: int | None) -> Iterator[tuple[Path, int | None]]:
     """(Hugging Face folder, checkpoint step or None) for --model; a run directory's checkpoint is
-    exported to a temporary folder that lives as long as the context."""
+    exported to a temporary folder that lives as long as the context. A Hub id is fetched."""
+    from train.hub import hub_folder
+    if (folder := hub_folder(path, "--model")) is not None:
+        path = str(folder)
     p = Path(path)
     if (p / "config.json").is_file():
         if step is not None:

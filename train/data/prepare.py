@@ -384,7 +384,8 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S", force=True)
         try:
-            cfg = load_config(raw)
+            from train.hub import resolve_hub_ids
+            cfg = resolve_hub_ids(load_config(raw))  # Hub ids -> local folders
             _run_cli(cfg)
         except ConfigError as e:
             log.error("invalid configuration: %s", e)
