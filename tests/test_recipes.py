@@ -87,7 +87,7 @@ def test_layerskip_none_is_plain_pretraining_under_every_experiment(experiment):
     (experiments choose them as a group option, not as `layerskip.*` keys after the group)."""
     base = [f"experiment={experiment}", "data.source=/some/corpus"]
     with_layerskip, baseline = _compose(base), _compose([*base, "layerskip=none"])
-    n_layers = with_layerskip.model.n_layers
+    n_layers = with_layerskip.model.n_layers or 8  # model=hf: the depth is read at start-up
     assert with_layerskip.layerskip.dropout.enabled and with_layerskip.layerskip.exit.layer_list(n_layers)
     assert not baseline.layerskip.dropout.enabled
     assert baseline.layerskip.exit.layer_list(n_layers) == []
@@ -123,3 +123,19 @@ def test_quickstart_with_layerskip_none_logs_no_dropout_and_no_exit_loss(tmp_pat
         assert [k for k in record if k.startswith("loss/layer_")] == ["loss/layer_02"]
         assert record["layerskip/exit_weight/layer_02"] == 1.0
         assert record["layerskip/saved_block_compute"] == 0.0
+
+
+def test_continual_smollm2_is_the_papers_llama3_recipe_on_a_hub_id():
+    """`experiment=continual_smollm2_135m`: SmolLM2-135M by Hub id, the shape read from it
+    (model=hf), the paper's Llama 3 continual settings; its CPU overrides (recipe comment, README,
+    bench/smollm2_report.sh) keep them and fit the context."""
+    cfg = _compose(["experiment=continual_smollm2_135m", "data.source=/some/corpus"])
+    assert cfg.model.name == "hf" and cfg.model.init_from == "HuggingFaceTB/SmolLM2-135M"
+    assert cfg.model.unset_shape_keys  # read from the checkpoint at start-up
+    ls = cfg.layerskip
+    assert (ls.dropout.p_max, ls.exit.e_scale, ls.exit.curriculum, ls.exit.period) == (0.1, 0.1, "rotational", 8)
+    assert ls.exit.layer_list(30) == list(range(29)) and cfg.parallel.compile
+    cpu = _compose(["experiment=continual_smollm2_135m", "model.init_from=/models/smollm2", "data=stdlib",
+                    "data.seq_len=256", "data.batch_size=2", "parallel=default", "train.steps=60"])
+    assert cpu.layerskip == ls and not cpu.parallel.compile and cpu.data.source == "stdlib"
+    assert cpu.data.seq_len <= cfg.model.max_seq_len
