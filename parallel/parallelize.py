@@ -148,6 +148,18 @@ def apply_compile(model: nn.Module, backend: str | object = "inductor") -> None:
 
 # ----------------------------------------------------------------------------------------- FSDP
 
+def fsdp_does_work(dims: ParallelDims, param_dtype: torch.dtype) -> bool:
+    """Whether FSDP2 has anything to do. It shards over more than one data-parallel rank; it casts
+    the fp32 parameters for compute (mixed precision); under TP it brings the gradients that TP's
+    backward leaves in other layouts than their parameters (the embedding's gradient whole on
+    every rank, the norms' as pending sums) back to the parameters' layouts, once per step. On
+    one process in fp32 it would only copy: every unit's parameters into an all-gather buffer
+    before its forward and again before its backward, every gradient through a reduce-scatter
+    buffer; and parameters, gradients and optimizer states would be DTensors, whose per-tensor
+    dispatch slows gradient clipping and the optimizer step. There the model stays a plain module."""
+    return dims.dp_shard > 1 or dims.tp > 1 or param_dtype != torch.float32
+
+
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
                reduce_dtype: torch.dtype, reshard_after_forward: bool) -> None:
     """FSDP2 units: the token embedding, each block, and the root (final norm + output head +
@@ -176,10 +188,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
     """Apply TP (if tp > 1), AC, compile (if enabled) and FSDP2, in that order, in place; returns
     the model. `dims.build_mesh()` must have been called.
 
-    FSDP2 is applied in every layout, also on a single data-parallel rank: there it only casts
-    parameters for compute (mixed precision) and costs a local copy, and in exchange every
-    parameter is a DTensor in every layout, so checkpointing, clipping and optimizers see one
-    kind of model."""
+    FSDP2 is applied where it does work (`fsdp_does_work`): not in a single fp32 process, where
+    the model stays a plain module (every one-process test and run takes that path). Checkpointing
+    (torch.distributed.checkpoint), gradient clipping (parallel.distributed.clip_grad_norm_) and
+    the exit loss take plain tensors and DTensors alike, so a checkpoint of one layout loads in
+    any other."""
     if cfg.compile and cfg.ac == "full" and dims.tp_enabled:
         # torch 2.13's AOT autograd fails on a compiled full-checkpoint region that contains TP
         # collectives (it tries to save a DeviceMesh for backward); selective AC compiles fine.
@@ -190,7 +203,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
     apply_ac(model, cfg.ac)
     if cfg.compile:
         apply_compile(model, compile_backend)
-    apply_fsdp(model, dims.dp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
+    if fsdp_does_work(dims, param_dtype):
+        apply_fsdp(model, dims.dp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
     return model
 
 

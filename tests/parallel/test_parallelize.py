@@ -200,3 +200,28 @@ def test_full_ac_with_compile_and_tp_is_refused_early() -> None:
     with pytest.raises(ConfigError, match="parallel.ac=full cannot be compiled with parallel.tp > 1"):
         parallelize(build_model(CFG), dims, ParallelConfig(tp=2, ac="full", compile=True),
                     param_dtype=torch.float32, reduce_dtype=torch.float32)
+
+
+def _single_rank_worker(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from parallel.parallelize import parallelize
+    dims = ParallelDims.from_config(ParallelConfig(), world)
+    dims.build_mesh("cpu")
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = parallelize(build_model(CFG), dims, ParallelConfig(), param_dtype=dtype, reduce_dtype=torch.float32)
+        init_model(model, "cpu", SEED)
+        tokens, _ = _data()
+        out[name] = dict(fsdp=isinstance(model, FSDPModule), dtensor=any(isinstance(p, DTensor) for p in model.parameters()),
+                         logits_dtype=str(model(tokens).dtype))
+    return out
+
+
+def test_one_process_in_fp32_is_a_plain_module() -> None:
+    """FSDP2 on one rank in fp32 would only copy (parallel.parallelize.fsdp_does_work): the model
+    stays plain; with mixed precision FSDP2 casts for compute, so it is applied."""
+    (out,) = run_distributed(_single_rank_worker, 1, timeout_s=120)
+    assert out["fp32"] == dict(fsdp=False, dtensor=False, logits_dtype="torch.float32")
+    assert out["bf16"] == dict(fsdp=True, dtensor=True, logits_dtype="torch.bfloat16")
