@@ -72,7 +72,7 @@ if [ $DRY = 1 ]; then
   export BENCH_CPU_SHIM=1 CMP_DIM=64 CMP_LAYERS=2 CMP_HEADS=4 CMP_VOCAB=512
   export EXTRA="--training.mixed_precision_param float32"
   FLAVOR=cmp; LBS=2; SEQ=64; STEPS=3; WARMUP=1
-  MODEL=(model=llama3_2_1b model.dim=$CMP_DIM model.n_layers=$CMP_LAYERS model.n_heads=$CMP_HEADS
+  MODEL=(model=llama3_2_1b model.tie_embeddings=false model.dim=$CMP_DIM model.n_layers=$CMP_LAYERS model.n_heads=$CMP_HEADS
          model.n_kv_heads=$CMP_HEADS model.vocab_size=$CMP_VOCAB model.multiple_of=256
          model.ffn_dim_multiplier=null model.rope_theta=10000 model.max_seq_len=$SEQ)
   PREP_VOCAB=$CMP_VOCAB; MAX_CHARS=200000
@@ -80,7 +80,7 @@ if [ $DRY = 1 ]; then
   COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
 else
   FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
-  MODEL=(model=llama3_2_1b model.max_seq_len=$SEQ)
+  MODEL=(model=llama3_2_1b model.tie_embeddings=false model.max_seq_len=$SEQ)  # torchtitan's 1B is untied
   PREP_VOCAB=8192; MAX_CHARS=4000000
   COST=(--preset anchor --batch 4 --seq 4096 --chunk 4096 --rounds 8 --warmup 2)
   COMPILE=1

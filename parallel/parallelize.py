@@ -12,6 +12,14 @@ selects samples (`index_select` / `index_copy` on the batch dimension) *outside*
 is never inside a checkpointed or compiled region, and under TP the tensors between blocks are
 plain local tensors of shape [batch, seq / tp, dim] whose batch dimension is intact.
 
+Tied embeddings (the output projection's weight is the token embedding's Parameter, as in
+torchtitan's Qwen3): under TP both modules shard that matrix over the vocabulary (the embedding
+row-wise, Shard(0) of [vocab, dim]; the head column-wise, also Shard(0) of its [vocab, dim]
+weight), so after TP has sharded each module's weight the head is given the embedding's DTensor
+again: one sharded matrix serves both. Under FSDP2 the matrix must live in one unit, or the
+second unit would shard and gather a second copy: the embedding then gets no unit of its own and
+joins the root's, with the head. `tied_embeddings` tells which case a model is in, by identity.
+
 Wrapping renames parameters: checkpointing inserts `_checkpoint_wrapped_module.` and compile
 `_orig_mod.` into the names. `canonical_name` removes them; torch.distributed.checkpoint's
 get_model_state_dict / set_model_state_dict already do.
@@ -48,6 +56,11 @@ def _blocks(model: nn.Module) -> nn.ModuleDict:
     return model.layers  # type: ignore[return-value]
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """True when the output head uses the token embedding's own Parameter."""
+    return model.output.weight is model.tok_embeddings.weight
+
+
 # ------------------------------------------------------------------------------------------- TP
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -56,7 +69,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     and a loss-parallel head: logits come out as a DTensor sharded over the vocabulary
     (Shard(-1)); compute cross-entropy on them under `torch.distributed.tensor.parallel.
     loss_parallel()`, or call `.full_tensor()`."""
+    tied = tied_embeddings(model)
     _torchtitan_apply_tp(model, tp_mesh, loss_parallel=True, enable_float8_tensorwise_tp=False)
+    if tied:  # each plan entry made its own DTensor; both are Shard(0) of [vocab, dim]
+        embedding, head = model.tok_embeddings.weight, model.output.weight
+        if embedding.placements != head.placements:
+            raise AssertionError(f"tied embeddings: the embedding is sharded {embedding.placements} "
+                                 f"but the head {head.placements}; they cannot share one matrix")
+        model.output.weight = embedding
 
 
 # ------------------------------------------------------------------------------------------- AC
@@ -128,17 +148,31 @@ def apply_compile(model: nn.Module, backend: str | object = "inductor") -> None:
 
 # ----------------------------------------------------------------------------------------- FSDP
 
+def fsdp_does_work(dims: ParallelDims, param_dtype: torch.dtype) -> bool:
+    """Whether FSDP2 has anything to do. It shards over more than one data-parallel rank; it casts
+    the fp32 parameters for compute (mixed precision); under TP it brings the gradients that TP's
+    backward leaves in other layouts than their parameters (the embedding's gradient whole on
+    every rank, the norms' as pending sums) back to the parameters' layouts, once per step. On
+    one process in fp32 it would only copy: every unit's parameters into an all-gather buffer
+    before its forward and again before its backward, every gradient through a reduce-scatter
+    buffer; and parameters, gradients and optimizer states would be DTensors, whose per-tensor
+    dispatch slows gradient clipping and the optimizer step. There the model stays a plain module."""
+    return dims.dp_shard > 1 or dims.tp > 1 or param_dtype != torch.float32
+
+
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
                reduce_dtype: torch.dtype, reshard_after_forward: bool) -> None:
     """FSDP2 units: the token embedding, each block, and the root (final norm + output head +
     anything else). The head stays in the root because every exit's loss is computed inside the
-    root forward and may use `output.weight` directly.
+    root forward and may use `output.weight` directly. A tied embedding is the head's matrix, so
+    it stays in the root's unit too (one unit per matrix).
 
     Gradients are averaged over `dp_mesh` by FSDP2's default reduction (ReduceOp.AVG, or SUM on
     one rank): no gradient divide factor, which would need PREMUL_SUM, unsupported by gloo."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     shard = partial(fully_shard, mesh=dp_mesh, mp_policy=mp)
-    shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward)
+    if not tied_embeddings(model):
+        shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward)
     for block in _blocks(model).values():
         shard(block, reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again right at the start of backward: FSDP2 keeps the
@@ -154,10 +188,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
     """Apply TP (if tp > 1), AC, compile (if enabled) and FSDP2, in that order, in place; returns
     the model. `dims.build_mesh()` must have been called.
 
-    FSDP2 is applied in every layout, also on a single data-parallel rank: there it only casts
-    parameters for compute (mixed precision) and costs a local copy, and in exchange every
-    parameter is a DTensor in every layout, so checkpointing, clipping and optimizers see one
-    kind of model."""
+    FSDP2 is applied where it does work (`fsdp_does_work`): not in a single fp32 process, where
+    the model stays a plain module (every one-process test and run takes that path). Checkpointing
+    (torch.distributed.checkpoint), gradient clipping (parallel.distributed.clip_grad_norm_) and
+    the exit loss take plain tensors and DTensors alike, so a checkpoint of one layout loads in
+    any other."""
     if cfg.compile and cfg.ac == "full" and dims.tp_enabled:
         # torch 2.13's AOT autograd fails on a compiled full-checkpoint region that contains TP
         # collectives (it tries to save a DeviceMesh for backward); selective AC compiles fine.
@@ -168,7 +203,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
     apply_ac(model, cfg.ac)
     if cfg.compile:
         apply_compile(model, compile_backend)
-    apply_fsdp(model, dims.dp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
+    if fsdp_does_work(dims, param_dtype):
+        apply_fsdp(model, dims.dp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
     return model
 
 

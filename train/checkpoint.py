@@ -222,18 +222,19 @@ def model_fingerprint(cfg: ModelConfig) -> dict[str, int]:
     each other's weights."""
     return {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
             "n_kv_heads": cfg.n_kv_heads or cfg.n_heads, "vocab_size": cfg.vocab_size,
-            "ffn_hidden_dim": cfg.ffn_hidden_dim}
+            "ffn_hidden_dim": cfg.ffn_hidden_dim, "tie_embeddings": bool(cfg.tie_embeddings)}
 
 
 _FINGERPRINT_KEYS = {"ffn_hidden_dim": "feed-forward width (from model.dim, model.multiple_of, "
                                        "model.ffn_dim_multiplier)"}
+_FINGERPRINT_DEFAULTS = {"tie_embeddings": False}  # checkpoints written before the key existed
 
 
 def check_compatible(meta: dict, cfg: ModelConfig, folder: Path) -> None:
     """Refuse a checkpoint saved for another model shape, naming each differing setting."""
     saved, current = meta.get("model", {}), model_fingerprint(cfg)
     diffs = [f"{_FINGERPRINT_KEYS.get(k, 'model.' + k)}: checkpoint {saved.get(k)!r}, config {v!r}"
-             for k, v in current.items() if saved.get(k) != v]
+             for k, v in current.items() if saved.get(k, _FINGERPRINT_DEFAULTS.get(k)) != v]
     if diffs:
         raise CheckpointError(f"checkpoint {folder} was saved for a different model shape; "
                               + "; ".join(diffs)

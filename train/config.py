@@ -56,7 +56,7 @@ class RopeScalingConfig:
 # model.init_from's config.json. n_kv_heads, ffn_dim_multiplier and rope_scaling are also null in
 # that preset, but null is a valid value for them, so these decide whether the shape is unresolved.
 REQUIRED_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps",
-                       "rope_theta", "max_seq_len")
+                       "rope_theta", "max_seq_len", "tie_embeddings")
 
 
 @dataclass
@@ -76,6 +76,9 @@ class ModelConfig:
     rope_theta: float | None = 10000.0
     rope_scaling: RopeScalingConfig | None = None  # Llama 3.1+ long-context frequency scaling
     max_seq_len: int | None = 2048
+    # One matrix for the token embedding and the output head (Hugging Face tie_word_embeddings:
+    # Llama 3.2 1B/3B, SmolLM2); model=hf reads it from model.init_from's config.json.
+    tie_embeddings: bool | None = False
     init_from: str | None = None  # Hugging Face Llama folder for continual pretraining
 
     @property

@@ -70,8 +70,8 @@ def hf_config_dict(model_cfg: ModelConfig, tokenizer: TokenizerArg = None,
                    dtype: torch.dtype = torch.float32) -> dict:
     """config.json of a `LlamaForCausalLM` with our shape. `tokenizer` (for the bos/eos ids): a
     tokenizer, its file or folder, or None. Legacy `rope_theta`/`rope_scaling` keys are written:
-    transformers 4 reads them and 5 converts them. The head is written untied (our model keeps
-    its own output projection, also after importing a tied checkpoint)."""
+    transformers 4 reads them and 5 converts them. `tie_word_embeddings` is the model's: a tied model has one matrix and exports it once, as
+    `model.embed_tokens.weight`."""
     tok = _open_tokenizer(tokenizer)
     bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (None, None)
     return {
@@ -93,7 +93,7 @@ def hf_config_dict(model_cfg: ModelConfig, tokenizer: TokenizerArg = None,
         "mlp_bias": False,
         "bos_token_id": bos,
         "eos_token_id": eos,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": bool(model_cfg.tie_embeddings),
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
@@ -139,6 +139,7 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
         "multiple_of": multiple_of, "ffn_dim_multiplier": mult, "norm_eps": c.get("rms_norm_eps", 1e-5),
         "rope_theta": float(theta), "rope_scaling": scaling,
         "max_seq_len": c.get("max_position_embeddings", 2048),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),  # LlamaConfig's default
     }
 
 
@@ -166,6 +167,11 @@ def check_hf_config(model_cfg: ModelConfig, hf_dir: str | os.PathLike) -> None:
     }
     diffs = [f"model.{k} = {_show(v)} but {hf_dir}/config.json has {_show(hf[k])}"
              for k, v in ours.items() if v != hf[k]]
+    # A tied checkpoint may be trained untied (its head starts as a copy of the embedding); an
+    # untied one has two different matrices, which one tied matrix cannot hold.
+    if model_cfg.tie_embeddings and not hf["tie_embeddings"]:
+        diffs.append(f"model.tie_embeddings = True but {hf_dir}/config.json has tie_word_embeddings "
+                     f"false (a separate lm_head.weight)")
     ours_ffn = ffn_hidden_dim(model_cfg.dim, model_cfg.multiple_of, model_cfg.ffn_dim_multiplier)
     hf_ffn = ffn_hidden_dim(hf["dim"], hf["multiple_of"], hf["ffn_dim_multiplier"])
     if ours_ffn != hf_ffn:
@@ -354,8 +360,10 @@ def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
 
 def iter_hf_tensors(hf_dir: str | os.PathLike, model_cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, full tensor) pairs read lazily, one tensor at a time, from HF_DIR's safetensors.
-    Checks the config first. A checkpoint with tied embeddings (no lm_head.weight, as Llama 3.2
-    1B) yields the embedding as output.weight: our model keeps them untied."""
+    Checks the config first. A tied checkpoint (tie_word_embeddings, as Llama 3.2 1B) gives a
+    tied model its one matrix, tok_embeddings.weight (an lm_head.weight stored beside it is
+    ignored, as transformers ignores it); a model configured untied gets a copy of the embedding
+    as output.weight (`model.tie_embeddings=false`: the head then trains on its own)."""
     _require("safetensors")
     from safetensors import safe_open
     hf_dir = Path(hf_dir)
@@ -365,13 +373,16 @@ def iter_hf_tensors(hf_dir: str | os.PathLike, model_cfg: ModelConfig) -> Iterat
     expected = set(_expected_keys(model_cfg))
     seen: set[str] = set()
     hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    tied = hf_cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in files
+    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    untie = tied and not model_cfg.tie_embeddings
     by_file: dict[Path, list[str]] = {}
     for k, p in files.items():
         by_file.setdefault(p, []).append(k)
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for hf_key in names:
+                if tied and hf_key == "lm_head.weight":
+                    continue
                 try:  # (the adapter drops rotary_emb.inv_freq buffers some exports carry)
                     converted = adapter.from_hf({hf_key: f.get_tensor(hf_key)})
                 except KeyError:
@@ -381,7 +392,7 @@ def iter_hf_tensors(hf_dir: str | os.PathLike, model_cfg: ModelConfig) -> Iterat
                         raise KeyError(f"{path}: tensor {hf_key} maps to {key}, which the model lacks")
                     seen.add(key)
                     yield key, value
-                    if tied and key == "tok_embeddings.weight":
+                    if untie and key == "tok_embeddings.weight":
                         seen.add("output.weight")
                         yield "output.weight", value.clone()  # its own storage: untied
     missing = expected - seen

@@ -3,6 +3,9 @@
 We subclass rather than fork, so torchtitan's blocks, init, TP plan, FLOP count and Hugging Face
 state-dict adapter apply unchanged. What we add:
 - `unembed(h)`: final norm + output projection, the one head every exit shares;
+- tied embeddings (`ModelConfig.tie_embeddings`, Hugging Face `tie_word_embeddings`): the output
+  projection's weight *is* the token embedding's Parameter, as in torchtitan's Qwen3
+  (`enable_weight_tying`); the state dict holds it once, as `tok_embeddings.weight`;
 - `forward(tokens, keep=..., capture=..., loss_fn=...)`: per-layer subsets of kept samples (layer
   dropout computes only those; the rest pass through unchanged), hidden states captured after
   chosen blocks, and a loss computed *inside* the root forward, so FSDP2's root hooks cover the
@@ -42,6 +45,36 @@ def model_args(cfg: ModelConfig) -> TransformerModelArgs:
 
 class LayerSkipLlama(Transformer):
     """torchtitan's Llama with exits through the shared head and per-sample block subsets."""
+
+    def __init__(self, args: TransformerModelArgs, tie_embeddings: bool = False):
+        super().__init__(args)
+        self.tie_embeddings = tie_embeddings
+        if tie_embeddings:
+            self.tie_weights()
+            # One matrix, one state-dict entry: checkpoints and exports hold it once.
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_fill_tied_head)
+            self.register_load_state_dict_post_hook(_retie)
+
+    def tie_weights(self) -> None:
+        """Make the output projection use the embedding's Parameter (again). Needed after anything
+        that replaces Parameters module by module: `to_empty` / `to` (see `_apply`), tensor
+        parallelism's sharding, a load with assign=True. A no-op for an untied model."""
+        if self.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse=True):
+        # Module._apply converts each module's Parameters on its own: from the meta device (and
+        # between devices) the two modules would come out with two separate Parameters.
+        result = super()._apply(fn, recurse)
+        self.tie_weights()
+        return result
+
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        # torchtitan initialises the embedding, then the head (truncated normal, std dim^-0.5):
+        # tied, the head's init is the shared matrix's, as torchtitan's Qwen3 does.
+        self.tie_weights()
+        super().init_weights(buffer_device=buffer_device)
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of hidden state `h` (after any block) through the final norm and output head."""
@@ -92,11 +125,28 @@ class LayerSkipLlama(Transformer):
         return self.unembed(h)
 
 
+def _drop_tied_head(module, state_dict, prefix, local_metadata) -> None:
+    state_dict.pop(prefix + "output.weight", None)
+
+
+def _fill_tied_head(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                    unexpected_keys, error_msgs) -> None:
+    # The head loads the embedding's entry into the very same Parameter (a second copy of equal
+    # values), so a strict load of a one-matrix state dict finds nothing missing.
+    key = prefix + "tok_embeddings.weight"
+    if key in state_dict and prefix + "output.weight" not in state_dict:
+        state_dict[prefix + "output.weight"] = state_dict[key]
+
+
+def _retie(module, incompatible_keys) -> None:
+    module.tie_weights()  # a load with assign=True gave the two modules separate Parameters
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> LayerSkipLlama:
     """Construct on `device` without initialising (meta by default: no memory). Call
     `init_model` after parallelisation to allocate and initialise the local shards."""
     with torch.device(device):
-        return LayerSkipLlama(model_args(cfg))
+        return LayerSkipLlama(model_args(cfg), tie_embeddings=bool(cfg.tie_embeddings))
 
 
 @torch.no_grad()
@@ -112,9 +162,12 @@ def init_model(model: LayerSkipLlama, device: torch.device | str, seed: int) -> 
 
 def flops_per_token(cfg: ModelConfig, model: nn.Module, seq_len: int) -> tuple[int, float, float]:
     """(parameters, training FLOPs per token of the whole model, FLOPs per token of one block's
-    forward + backward). torchtitan's count: 6 * non-embedding params + attention."""
+    forward + backward). torchtitan's count: 6 * non-embedding params + attention. The shared
+    matrix of a tied model is counted once as a parameter, and its head matmul as FLOPs."""
     args = model_args(cfg)
     n_params, total = get_dense_model_nparams_and_flops(args, model, 2 * (cfg.dim // cfg.n_heads), seq_len)
     head = 6 * cfg.dim * cfg.vocab_size
+    if cfg.tie_embeddings:  # torchtitan subtracts the (only) matrix as an embedding
+        total += head
     per_block = (total - head) / cfg.n_layers
     return n_params, float(total), float(per_block)

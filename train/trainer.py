@@ -8,9 +8,10 @@ The phases, in the order a run goes through them, each in one place:
                   schedules, checkpoint manager: everything a `Run` holds
     resume        restore model, optimizer, data position and schedules from the newest checkpoint
     train_loop    step after step: `train_step` (one optimizer step over grad_accum micro-batches),
-                  `LogWindow` / `log_window` (the metrics line), `validate` (held-out loss of every
-                  exit), `save_if_due` (periodic and final checkpoints), `stop_for_preemption`
-                  (a signalled run saves and stops, train/preemption.py)
+                  the metrics line (`LogWindow`, train/log_window.py), validation (held-out loss
+                  of every exit, train/validation.py), `save_if_due` (periodic and final
+                  checkpoints), `stop_for_preemption` (a signalled run saves and stops,
+                  train/preemption.py)
 
 Around the loop: `HangDumps` (every rank's stacks when it stalls, parallel/distributed.py) and,
 with profiling.enable, a `StepProfiler` (train/profiling.py).
@@ -22,34 +23,33 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor.parallel import loss_parallel
 from torch import nn
 
 from parallel.dims import ParallelDims
-from parallel.distributed import (HangDumps, all_reduce_mean, clip_grad_norm_, destroy,
-                                  gather_rows, init_distributed, is_collective_timeout)
+from parallel.distributed import (HangDumps, clip_grad_norm_, destroy, gather_rows, init_distributed,
+                                  is_collective_timeout)
 from parallel.parallelize import load_full_state_dict, parallelize
 from train.checkpoint import CheckpointManager, step_dir_name
 from train.config import Config, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
-from train.layerskip.agreement import with_agreement
 from train.layerskip.curriculum import ExitCurriculum
 from train.layerskip.dropout import LayerDropout
 from train.layerskip.exit_loss import make_exit_loss
-from train.metrics import MetricsLogger, device_peak_flops, memory_stats, mfu_pct, rank_balance
-from train.model import build_model, flops_per_token, init_model
+from train.log_window import LogWindow, log_window, throughput_model
+from train.metrics import MetricsLogger
+from train.model import build_model, init_model
 from train.optim import build_optimizer, lr_at, set_lr
 from train.preemption import PreemptionWatch, Preempted, write_marker
 from train.preemption import exit_code as preempted_exit_code
 from train.profiling import build_profiler
+from train.validation import loss_context, validate, validation_due
 
 log = logging.getLogger("train")
 
@@ -92,12 +92,6 @@ def _dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype
     return getattr(torch, name), torch.float32
 
 
-def _loss_context(tp: int):
-    """Under tensor parallelism the head's logits are DTensors sharded over the vocabulary; the
-    exit loss's cross-entropy on them needs loss_parallel(), around forward AND backward."""
-    return loss_parallel() if tp > 1 else nullcontext()
-
-
 def _write_config(cfg: Config, run_dir: Path) -> None:
     from omegaconf import OmegaConf
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,38 +108,6 @@ def _write_run_assets(data, run_dir: Path) -> None:
     text = "\n".join(data.tokenizer.decode(seq) for seq in ids[:64])
     (run_dir / "heldout.txt.tmp").write_text(text, encoding="utf-8")
     os.replace(run_dir / "heldout.txt.tmp", run_dir / "heldout.txt")
-
-
-@torch.no_grad()
-def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, tp: int,
-             dp_group) -> dict[str, float]:
-    """Mean loss (and perplexity) of every layer's exit over the held-out batches, and with
-    per_layer each exit's agreement with the final layer's top-1 (train/layerskip/agreement.py)."""
-    was_training = model.training
-    model.eval()
-    layers = list(range(n_layers)) if per_layer else [n_layers - 1]
-    sums = torch.zeros(2 * len(layers) + 1, dtype=torch.float64)  # losses, agreeing tokens, tokens
-    for inputs, labels in batches:
-        fn = with_agreement(make_exit_loss(labels, {l: 1.0 for l in layers}, chunk_tokens, tp_degree=tp),
-                            chunk_tokens)
-        with _loss_context(tp):
-            out, agree, tokens = model(inputs, capture=[l for l in layers if l != n_layers - 1], loss_fn=fn)
-        sums += torch.tensor(torch.stack([out.per_layer[l].double() for l in layers]
-                                         + [agree[l].double() for l in layers] + [tokens.double()]).tolist(),
-                             dtype=torch.float64)
-    local = {str(l): float(s) / len(batches) for l, s in zip(layers, sums)}
-    local.update({f"agree/{l}": float(a / sums[-1]) for l, a in zip(layers, sums[len(layers):-1])})
-    means = all_reduce_mean(local, dp_group)  # every DP rank counts the same number of tokens
-    model.train(was_training)
-    result = {}
-    for l in layers:
-        loss = means[str(l)]
-        result[f"val/loss/layer_{l:02d}"] = loss
-        result[f"val/ppl/layer_{l:02d}"] = math.exp(min(loss, 50.0))
-        if per_layer:
-            result[f"val/agree/layer_{l:02d}"] = means[f"agree/{l}"]
-    result["val/loss/final"] = means[str(n_layers - 1)]
-    return result
 
 
 def init_weights(model, cfg: Config, device: torch.device, rank: int) -> None:
@@ -310,7 +272,7 @@ def train_step(r: Run, batches: Iterator) -> StepResult:
         if fsdp:  # reduce-scatter gradients once per optimizer step
             r.model.set_requires_gradient_sync(micro == accum - 1)
         fn = make_exit_loss(labels, weights, cfg.layerskip.exit.chunk_tokens, tp_degree=r.dims.tp)
-        with _loss_context(r.dims.tp):
+        with loss_context(r.dims.tp):
             out = r.model(inputs, keep=plan.keep, capture=capture, loss_fn=fn)
             (out.loss / accum).backward()
         parts = torch.stack([out.loss.detach()] + [out.per_layer[l].detach() for l in weights])
@@ -355,105 +317,6 @@ def _optimizer_step(r: Run, loss: float, grad_norm: float, step: int) -> None:
         r.optimizer.zero_grad(set_to_none=True)
 
 
-# --------------------------------------------------------------------------- logging window
-
-@dataclasses.dataclass
-class Throughput:
-    """FLOPs per token of one block and of one exit head (forward + backward), and the peak the
-    MFU is measured against."""
-    block_flops_tok: float
-    head_flops_tok: float
-    peak: float
-
-
-class LogWindow:
-    """The steps since the last metrics line: the line reports their averages (exits rotate, so
-    each exit is averaged over the steps it was on)."""
-
-    def __init__(self, n_layers: int):
-        self.started = time.perf_counter()
-        self.tokens, self.flops, self.steps = 0, 0.0, 0
-        self.exits: dict[int, list[tuple[float, float]]] = {}  # exit -> [(loss, weight)]
-        self.kept = [0.0] * n_layers  # per-block kept fractions summed over the steps
-        self.rank_step_s: list[float] = []  # by rank, summed over the steps
-        self.rank_kept: list[float] = []
-
-    def add(self, result: StepResult, tokens: int, tp: Throughput) -> None:
-        kept_mean = sum(result.kept) / len(result.kept)
-        self.tokens += tokens
-        self.flops += tokens * (tp.block_flops_tok * len(result.kept) * kept_mean
-                                + tp.head_flops_tok * len(result.weights))
-        self.steps += 1
-        self.kept = [a + k for a, k in zip(self.kept, result.kept)]
-        for l, w in result.weights.items():
-            self.exits.setdefault(l, []).append((result.losses[str(l)], w))
-        self.rank_step_s = [a + b for a, b in zip(self.rank_step_s or [0.0] * len(result.rank_step_s),
-                                                  result.rank_step_s)]
-        self.rank_kept = [a + b for a, b in zip(self.rank_kept or [0.0] * len(result.rank_kept),
-                                                result.rank_kept)]
-
-
-def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
-               metrics: MetricsLogger) -> None:
-    """Write the metrics line for the window ending with step `last` (state.step)."""
-    cfg, L, step = r.cfg, r.n_layers, r.state.step
-    if r.device.type == "cuda":
-        torch.cuda.synchronize(r.device)
-    dt = time.perf_counter() - window.started
-    tps = window.tokens / dt
-    mfu = mfu_pct(window.flops, dt, r.world, tp.peak)  # None: above 100 %, the peak is not trusted
-    step_time = dt / window.steps
-    balance = rank_balance([t / window.steps for t in window.rank_step_s],
-                           [k / window.steps for k in window.rank_kept])
-    values = {"loss/total": last.losses["total"], "optim/lr": last.lr, "optim/grad_norm": last.grad_norm,
-              "throughput/tokens_per_s": tps, "throughput/step_time_s": step_time,
-              "throughput/tokens_seen": r.state.tokens_seen,
-              "layerskip/saved_block_compute": 1.0 - sum(window.kept) / (L * window.steps),
-              **balance, **memory_stats(r.device), **r.data.train_tokens_by_source()}
-    if mfu is not None:
-        values["throughput/mfu_pct"] = mfu
-    for l, seen in sorted(window.exits.items()):
-        values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
-        values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
-    if cfg.layerskip.dropout.enabled:
-        for l in range(L):
-            values[f"layerskip/drop_fraction/layer_{l:02d}"] = 1.0 - window.kept[l] / window.steps
-    eta = (cfg.train.steps - step) * step_time
-    metrics.log(step, values, console=(
-        f"step {step:>6}/{cfg.train.steps} | loss {last.losses['total']:.4f} | lr {last.lr:.2e} | "
-        f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | "
-        f"MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
-        f"ranks {balance['balance/fastest_step_s']:.3f}-{balance['balance/slowest_step_s']:.3f}s | "
-        f"exits {sorted(window.exits)} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
-
-
-# --------------------------------------------------------------------------- validation
-
-def validate(r: Run, val_batches: list, metrics: MetricsLogger,
-             source_val: dict[str, list] | None = None) -> dict[str, float]:
-    """Held-out loss of every exit (or the last layer only), and with a mixture each source's
-    final-layer loss (`source_val`: name -> batches), logged at the current step."""
-    chunk = r.cfg.layerskip.exit.chunk_tokens
-    vals = evaluate(r.model, val_batches, r.n_layers, r.cfg.eval.per_layer, chunk, r.dims.tp, r.dp_group)
-    for name, batches in (source_val or {}).items():
-        vals[f"val/loss/source/{name}"] = evaluate(r.model, batches, r.n_layers, False, chunk, r.dims.tp,
-                                                   r.dp_group)["val/loss/final"]
-    if r.is_main:
-        shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
-                         for l in range(r.n_layers) if f"val/loss/layer_{l:02d}" in vals)
-        agree = " ".join(f"L{l}={vals[f'val/agree/layer_{l:02d}']:.2f}"
-                         for l in range(r.n_layers - 1) if f"val/agree/layer_{l:02d}" in vals)
-        metrics.log(r.state.step, vals,
-                    console=f"step {r.state.step:>6} | val loss {vals['val/loss/final']:.4f} | {shown}"
-                            + (f" | top-1 agreement {agree}" if agree else ""))
-    return vals
-
-
-def validation_due(cfg: Config, step: int, last: bool) -> bool:
-    every = cfg.eval.every
-    return bool(every and (step % every == 0 or last) or (last and every == 0))
-
-
 # --------------------------------------------------------------------------- save
 
 def save_if_due(r: Run, last: bool) -> bool:
@@ -484,17 +347,6 @@ def stop_for_preemption(r: Run, saved: bool) -> Preempted:
 
 
 # --------------------------------------------------------------------------- the loop
-
-def throughput_model(r: Run) -> Throughput:
-    n_params, _, block_flops_tok = flops_per_token(r.cfg.model, r.model, r.cfg.data.seq_len)
-    peak, peak_src = device_peak_flops(r.device)
-    if r.is_main:
-        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.1f TFLOP/s (%s)",
-                 r.cfg.model.name, n_params / 1e6, r.n_layers, r.world, r.dims.dp_world, r.dims.tp,
-                 peak / 1e12, peak_src)
-    return Throughput(block_flops_tok=block_flops_tok,
-                      head_flops_tok=6 * r.cfg.model.dim * r.cfg.model.vocab_size, peak=peak)
-
 
 def train_loop(r: Run) -> Path:
     """Steps until train.steps: one step, then (when due) the metrics line, validation and a

@@ -3,9 +3,12 @@
 Reference: the tiny model in one process, fp32, on the whole batch. Each layout (FSDP 2, TP 2,
 FSDP 2 x TP 2) runs one forward/backward with per-block `keep` subsets -- including a block that
 keeps no sample on one data-parallel rank and a block that keeps none anywhere -- then clips the
-gradient norm. Loss, gradient norm and every clipped gradient must match the reference.
+gradient norm. Loss, gradient norm and every clipped gradient must match the reference. A tied
+model (one matrix for embedding and head) does the same under FSDP2 x TP2.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from train.model import build_model, init_model
 
 CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16,
                   max_seq_len=64)
+TIED = dataclasses.replace(CFG, tie_embeddings=True)
 BATCH, SEQ, SEED = 8, 16, 0
 # Global sample indices each block runs on. With 2 data-parallel ranks (rows 0-3 and 4-7),
 # block 1 keeps nothing on rank 0 and block 3 keeps nothing anywhere.
@@ -38,8 +42,8 @@ def _keep(lo: int, hi: int) -> list[torch.Tensor | None]:
             for k in KEEP]
 
 
-def _reference(max_norm_fraction: float, keep: bool) -> dict:
-    model = init_model(build_model(CFG, "cpu"), "cpu", SEED)
+def _reference(max_norm_fraction: float, keep: bool, cfg: ModelConfig = CFG) -> dict:
+    model = init_model(build_model(cfg, "cpu"), "cpu", SEED)
     tokens, targets = _data()
     logits = model(tokens, keep=_keep(0, BATCH) if keep else None)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -53,7 +57,7 @@ def _reference(max_norm_fraction: float, keep: bool) -> dict:
 
 
 def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max_norm: float,
-                 keep: bool) -> dict:
+                 keep: bool, cfg: ModelConfig = CFG) -> dict:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
@@ -61,9 +65,9 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
     from parallel.parallelize import load_full_state_dict, parallelize
 
     dims = ParallelDims.from_config(pcfg, world)
-    dims.check_model(CFG, SEQ)
+    dims.check_model(cfg, SEQ)
     dims.build_mesh("cpu")
-    model = parallelize(build_model(CFG), dims, pcfg, param_dtype=torch.float32,
+    model = parallelize(build_model(cfg), dims, pcfg, param_dtype=torch.float32,
                         reduce_dtype=torch.float32, compile_backend="aot_eager")  # no C++ build
     init_model(model, "cpu", SEED)
     load_full_state_dict(model, full_sd if rank == 0 else None)
@@ -79,6 +83,10 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
     mean_loss = all_reduce_mean({"loss": local_loss.item()}, dims.dp_mesh)["loss"]
     norm = float(clip_grad_norm_(model.parameters(), max_norm))
     grads = {canonical_name(n): p.grad.full_tensor() for n, p in model.named_parameters()}
+    if cfg.tie_embeddings:  # one DTensor for both uses, in the root's FSDP unit
+        from torch.distributed.fsdp import FSDPModule
+        assert model.output.weight is model.tok_embeddings.weight
+        assert not isinstance(model.tok_embeddings, FSDPModule)
     return dict(loss=mean_loss, norm=norm, grads=grads if rank == 0 else None)
 
 
@@ -101,6 +109,16 @@ def test_layout_matches_single_process(reference: dict, world: int, pcfg: Parall
     out = run_distributed(_step_worker, world, timeout_s=150,
                           args=(pcfg, reference["state_dict"], reference["max_norm"], True))
     _check(out, reference)
+
+
+def test_tied_embeddings_under_fsdp_and_tp_match_single_process() -> None:
+    """The shared matrix's gradient (embedding use + head use) is the one-process gradient."""
+    ref = _reference(max_norm_fraction=0.5, keep=True, cfg=TIED)
+    assert set(ref["grads"]) == set(ref["state_dict"]) and "output.weight" not in ref["grads"]
+    pcfg = ParallelConfig(dp_shard=2, tp=2, ac="none")
+    out = run_distributed(_step_worker, 4, timeout_s=150,
+                          args=(pcfg, ref["state_dict"], ref["max_norm"], True, TIED))
+    _check(out, ref)
 
 
 def test_compiled_tp_matches_single_process(reference_no_dropout: dict) -> None:
@@ -182,3 +200,28 @@ def test_full_ac_with_compile_and_tp_is_refused_early() -> None:
     with pytest.raises(ConfigError, match="parallel.ac=full cannot be compiled with parallel.tp > 1"):
         parallelize(build_model(CFG), dims, ParallelConfig(tp=2, ac="full", compile=True),
                     param_dtype=torch.float32, reduce_dtype=torch.float32)
+
+
+def _single_rank_worker(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from parallel.parallelize import parallelize
+    dims = ParallelDims.from_config(ParallelConfig(), world)
+    dims.build_mesh("cpu")
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = parallelize(build_model(CFG), dims, ParallelConfig(), param_dtype=dtype, reduce_dtype=torch.float32)
+        init_model(model, "cpu", SEED)
+        tokens, _ = _data()
+        out[name] = dict(fsdp=isinstance(model, FSDPModule), dtensor=any(isinstance(p, DTensor) for p in model.parameters()),
+                         logits_dtype=str(model(tokens).dtype))
+    return out
+
+
+def test_one_process_in_fp32_is_a_plain_module() -> None:
+    """FSDP2 on one rank in fp32 would only copy (parallel.parallelize.fsdp_does_work): the model
+    stays plain; with mixed precision FSDP2 casts for compute, so it is applied."""
+    (out,) = run_distributed(_single_rank_worker, 1, timeout_s=120)
+    assert out["fp32"] == dict(fsdp=False, dtensor=False, logits_dtype="torch.float32")
+    assert out["bf16"] == dict(fsdp=True, dtensor=True, logits_dtype="torch.bfloat16")

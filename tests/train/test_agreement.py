@@ -37,7 +37,7 @@ def test_chunked_agreement_equals_direct_computation():
 def test_validation_logs_agreement_of_every_exit():
     """The trainer's validation (one process): val/agree/layer_XX over several batches equals the
     direct computation over the same batches, and is 1.0 for the last layer."""
-    from train.trainer import evaluate
+    from train.validation import evaluate
     model = random_model(CFG)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, CFG.vocab_size, (2, 16), generator=gen),) * 2 for _ in range(3)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("safetensors")
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from train.config import ConfigError, ModelConfig, RopeScalingConfig  # noqa: E402
 from train.hf import (check_hf_config, export_hf, ffn_hidden_dim, hf_config_dict,  # noqa: E402
@@ -82,18 +82,6 @@ def test_import_export_round_trip_is_exact_and_sharded(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
-def test_tied_embeddings_are_untied_on_import(tmp_path):
-    model = random_model(CFG)
-    out = export_hf(model.state_dict(), CFG, tmp_path / "hf", None, torch.float32)
-    tensors = load_file(out / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    sd = load_hf_state_dict(out, CFG)
-    assert torch.equal(sd["output.weight"], model.state_dict()["tok_embeddings.weight"])
-
-
 def test_shape_mismatch_on_import_names_the_setting(tmp_path):
     out = export_hf(random_model(CFG).state_dict(), CFG, tmp_path / "hf", None, torch.float32)
     wrong = ModelConfig(**{**CFG.__dict__, "dim": 128, "n_layers": 3})
@@ -152,7 +140,7 @@ def test_llama3_import_equals_transformers_and_export_round_trip_is_exact(tmp_pa
     # Export (with the checkpoint's tokenizer) and back: the same tensors, the same config.
     out = export_hf(model.state_dict(), cfg, tmp_path / "out", llama3_dir, torch.float32)
     original, exported = load_file(llama3_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert torch.equal(exported.pop("lm_head.weight"), original["model.embed_tokens.weight"])  # untied
+    assert cfg.tie_embeddings and "lm_head.weight" not in exported  # tied in, tied out: one matrix
     assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
     assert read_hf_config(out) == read_hf_config(llama3_dir)
     assert json.loads((out / "config.json").read_text())["rope_scaling"]["factor"] == 32.0

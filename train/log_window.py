@@ -1,0 +1,100 @@
+"""The logging window: the steps since the last metrics line, and the line that reports them
+(loss per exit, learning rate, throughput and MFU, the ranks' balance, LayerSkip's saved compute).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from train.metrics import MetricsLogger, device_peak_flops, memory_stats, mfu_pct, rank_balance
+from train.model import flops_per_token
+
+if TYPE_CHECKING:
+    from train.trainer import Run, StepResult
+
+log = logging.getLogger("train")
+
+
+@dataclasses.dataclass
+class Throughput:
+    """FLOPs per token of one block and of one exit head (forward + backward), and the peak the
+    MFU is measured against."""
+    block_flops_tok: float
+    head_flops_tok: float
+    peak: float
+
+
+class LogWindow:
+    """The steps since the last metrics line: the line reports their averages (exits rotate, so
+    each exit is averaged over the steps it was on)."""
+
+    def __init__(self, n_layers: int):
+        self.started = time.perf_counter()
+        self.tokens, self.flops, self.steps = 0, 0.0, 0
+        self.exits: dict[int, list[tuple[float, float]]] = {}  # exit -> [(loss, weight)]
+        self.kept = [0.0] * n_layers  # per-block kept fractions summed over the steps
+        self.rank_step_s: list[float] = []  # by rank, summed over the steps
+        self.rank_kept: list[float] = []
+
+    def add(self, result: StepResult, tokens: int, tp: Throughput) -> None:
+        kept_mean = sum(result.kept) / len(result.kept)
+        self.tokens += tokens
+        self.flops += tokens * (tp.block_flops_tok * len(result.kept) * kept_mean
+                                + tp.head_flops_tok * len(result.weights))
+        self.steps += 1
+        self.kept = [a + k for a, k in zip(self.kept, result.kept)]
+        for l, w in result.weights.items():
+            self.exits.setdefault(l, []).append((result.losses[str(l)], w))
+        self.rank_step_s = [a + b for a, b in zip(self.rank_step_s or [0.0] * len(result.rank_step_s),
+                                                  result.rank_step_s)]
+        self.rank_kept = [a + b for a, b in zip(self.rank_kept or [0.0] * len(result.rank_kept),
+                                                result.rank_kept)]
+
+
+def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
+               metrics: MetricsLogger) -> None:
+    """Write the metrics line for the window ending with step `last` (state.step)."""
+    cfg, L, step = r.cfg, r.n_layers, r.state.step
+    if r.device.type == "cuda":
+        torch.cuda.synchronize(r.device)
+    dt = time.perf_counter() - window.started
+    tps = window.tokens / dt
+    mfu = mfu_pct(window.flops, dt, r.world, tp.peak)  # None: above 100 %, the peak is not trusted
+    step_time = dt / window.steps
+    balance = rank_balance([t / window.steps for t in window.rank_step_s],
+                           [k / window.steps for k in window.rank_kept])
+    values = {"loss/total": last.losses["total"], "optim/lr": last.lr, "optim/grad_norm": last.grad_norm,
+              "throughput/tokens_per_s": tps, "throughput/step_time_s": step_time,
+              "throughput/tokens_seen": r.state.tokens_seen,
+              "layerskip/saved_block_compute": 1.0 - sum(window.kept) / (L * window.steps),
+              **balance, **memory_stats(r.device), **r.data.train_tokens_by_source()}
+    if mfu is not None:
+        values["throughput/mfu_pct"] = mfu
+    for l, seen in sorted(window.exits.items()):
+        values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
+        values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
+    if cfg.layerskip.dropout.enabled:
+        for l in range(L):
+            values[f"layerskip/drop_fraction/layer_{l:02d}"] = 1.0 - window.kept[l] / window.steps
+    eta = (cfg.train.steps - step) * step_time
+    metrics.log(step, values, console=(
+        f"step {step:>6}/{cfg.train.steps} | loss {last.losses['total']:.4f} | lr {last.lr:.2e} | "
+        f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | "
+        f"MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
+        f"ranks {balance['balance/fastest_step_s']:.3f}-{balance['balance/slowest_step_s']:.3f}s | "
+        f"exits {sorted(window.exits)} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
+
+
+def throughput_model(r: Run) -> Throughput:
+    n_params, _, block_flops_tok = flops_per_token(r.cfg.model, r.model, r.cfg.data.seq_len)
+    peak, peak_src = device_peak_flops(r.device)
+    if r.is_main:
+        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.1f TFLOP/s (%s)",
+                 r.cfg.model.name, n_params / 1e6, r.n_layers, r.world, r.dims.dp_world, r.dims.tp,
+                 peak / 1e12, peak_src)
+    return Throughput(block_flops_tok=block_flops_tok,
+                      head_flops_tok=6 * r.cfg.model.dim * r.cfg.model.vocab_size, peak=peak)

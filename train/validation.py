@@ -1,0 +1,86 @@
+"""Validation: the held-out loss (and perplexity) of every exit, as the training loop logs it.
+
+`evaluate` is the per-exit computation (one place: every layer's exit over the held-out batches,
+averaged over the data-parallel ranks); `validate` runs it at the current step for the run's
+held-out batches (and each mixture source's) and logs the result; `validation_due` says when.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+from torch.distributed.tensor.parallel import loss_parallel
+
+from parallel.distributed import all_reduce_mean
+from train.config import Config
+from train.layerskip.agreement import with_agreement
+from train.layerskip.exit_loss import make_exit_loss
+from train.metrics import MetricsLogger
+
+if TYPE_CHECKING:
+    from train.trainer import Run
+
+
+def loss_context(tp: int):
+    """Under tensor parallelism the head's logits are DTensors sharded over the vocabulary; the
+    exit loss's cross-entropy on them needs loss_parallel(), around forward AND backward."""
+    return loss_parallel() if tp > 1 else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, tp: int,
+             dp_group) -> dict[str, float]:
+    """Mean loss (and perplexity) of every layer's exit over the held-out batches, and with
+    per_layer each exit's agreement with the final layer's top-1 (train/layerskip/agreement.py)."""
+    was_training = model.training
+    model.eval()
+    layers = list(range(n_layers)) if per_layer else [n_layers - 1]
+    sums = torch.zeros(2 * len(layers) + 1, dtype=torch.float64)  # losses, agreeing tokens, tokens
+    for inputs, labels in batches:
+        fn = with_agreement(make_exit_loss(labels, {l: 1.0 for l in layers}, chunk_tokens, tp_degree=tp),
+                            chunk_tokens)
+        with loss_context(tp):
+            out, agree, tokens = model(inputs, capture=[l for l in layers if l != n_layers - 1], loss_fn=fn)
+        sums += torch.tensor(torch.stack([out.per_layer[l].double() for l in layers]
+                                         + [agree[l].double() for l in layers] + [tokens.double()]).tolist(),
+                             dtype=torch.float64)
+    local = {str(l): float(s) / len(batches) for l, s in zip(layers, sums)}
+    local.update({f"agree/{l}": float(a / sums[-1]) for l, a in zip(layers, sums[len(layers):-1])})
+    means = all_reduce_mean(local, dp_group)  # every DP rank counts the same number of tokens
+    model.train(was_training)
+    result = {}
+    for l in layers:
+        loss = means[str(l)]
+        result[f"val/loss/layer_{l:02d}"] = loss
+        result[f"val/ppl/layer_{l:02d}"] = math.exp(min(loss, 50.0))
+        if per_layer:
+            result[f"val/agree/layer_{l:02d}"] = means[f"agree/{l}"]
+    result["val/loss/final"] = means[str(n_layers - 1)]
+    return result
+
+
+def validate(r: Run, val_batches: list, metrics: MetricsLogger,
+             source_val: dict[str, list] | None = None) -> dict[str, float]:
+    """Held-out loss of every exit (or the last layer only), and with a mixture each source's
+    final-layer loss (`source_val`: name -> batches), logged at the current step."""
+    chunk = r.cfg.layerskip.exit.chunk_tokens
+    vals = evaluate(r.model, val_batches, r.n_layers, r.cfg.eval.per_layer, chunk, r.dims.tp, r.dp_group)
+    for name, batches in (source_val or {}).items():
+        vals[f"val/loss/source/{name}"] = evaluate(r.model, batches, r.n_layers, False, chunk, r.dims.tp,
+                                                   r.dp_group)["val/loss/final"]
+    if r.is_main:
+        shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
+                         for l in range(r.n_layers) if f"val/loss/layer_{l:02d}" in vals)
+        agree = " ".join(f"L{l}={vals[f'val/agree/layer_{l:02d}']:.2f}"
+                         for l in range(r.n_layers - 1) if f"val/agree/layer_{l:02d}" in vals)
+        metrics.log(r.state.step, vals,
+                    console=f"step {r.state.step:>6} | val loss {vals['val/loss/final']:.4f} | {shown}"
+                            + (f" | top-1 agreement {agree}" if agree else ""))
+    return vals
+
+
+def validation_due(cfg: Config, step: int, last: bool) -> bool:
+    every = cfg.eval.every
+    return bool(every and (step % every == 0 or last) or (last and every == 0))
