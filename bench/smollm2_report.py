@@ -7,7 +7,7 @@ Every stage is the command a user runs, as a subprocess:
    once as it is and once with `layerskip=none`: every exit's validation loss and top-1 agreement
    with the final layer before training (step 0) and after (LayerSkip also halfway, for the trend).
 2. `python -m train.export` of both, float32.
-3. `python -m train.eval_exits` of the original model and both trained ones, on the word-order task
+3. `python -m train.eval_exits` of both trained models (--eval-before: also the imported one), on the word-order task
    (bench/word_order_task.py) built from held-out text: the prepared data's held-out split, which
    no run trains on.
 4. `python -m train.decode` of both trained models on the same held-out text: perplexity of every
@@ -255,12 +255,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=f"outputs/smollm2-report-{time.strftime('%Y%m%d-%H%M%S')}")
     ap.add_argument("--results", default="bench/results", help="where the JSON, PNG and markdown go")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per rank per step (2 ranks)")
     ap.add_argument("--eval-batches", type=int, default=1, help="validation batches per rank")
-    ap.add_argument("--items", type=int, default=100, help="word-order task items")
-    ap.add_argument("--exits", default="8,15,22,26,30", help="eval_exits exits")
-    ap.add_argument("--draft-exits", default="15,22,26", help="decode draft exits E")
+    ap.add_argument("--items", type=int, default=40, help="word-order task items")
+    ap.add_argument("--exits", default="15,22,30", help="eval_exits exits")
+    ap.add_argument("--eval-before", action="store_true", help="also eval_exits the imported model")
+    ap.add_argument("--draft-exits", default="22,26", help="decode draft exits E")
     ap.add_argument("--drafts", default="2")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -293,7 +294,7 @@ def main() -> None:
     (out / "heldout.txt").write_text(text, encoding="utf-8")
     tasks = write_task(text, out / "tasks", n_items=args.items)
     evals = {}
-    for arm in ("before", *ARMS):
+    for arm in ("before", *ARMS) if args.eval_before else ARMS:
         path = str(model) if arm == "before" else str(out / arm / "hf")
         seconds[f"eval_exits_{arm}"] = sh(
             [sys.executable, "-m", "train.eval_exits", "--model", path, "--exits", args.exits, "--tasks",
