@@ -258,6 +258,29 @@ def test_other_ranks_wait_for_the_main_rank(corpus, tokenizer, tmp_path):
         build_data(bad, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
 
 
+def test_an_earlier_attempts_failure_does_not_stop_an_elastic_restart(corpus, tokenizer, tmp_path, monkeypatch):
+    """torchrun restarted the job (restart count 1) seconds after the main rank failed to prepare
+    (count 0): the other ranks wait for this attempt's main rank instead of failing at once on the
+    marker the earlier attempt left; a failure of this attempt still stops them at once."""
+    import threading
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    cfg = _cfg(corpus, tokenizer, tmp_path, prepare_wait_s=60)
+    failed = Path(f"{auto_prepared_dir(cfg, open_corpus(str(corpus)), tokenizer, 512)}.failed")
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    failed.write_text("TORCHELASTIC_RUN_ID=job7 TORCHELASTIC_RESTART_COUNT=0\nOSError: disk full")
+    with pytest.raises(DataError, match="the main rank failed to prepare .*disk full"):  # this attempt's
+        build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    main = threading.Timer(1.0, lambda: build_data(cfg, vocab_size=512, seed=0, dp_world=2))
+    main.start()  # the restarted main rank starts a second after the others
+    try:
+        data = build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    finally:
+        main.join()
+    assert data.num_train_sequences > 0 and not failed.exists()
+
+
 # --------------------------------------------------------------------------- global order and resume
 
 def _ranks(cfg: DataConfig, world: int, seed: int = 0):

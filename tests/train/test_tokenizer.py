@@ -84,6 +84,21 @@ def test_copy_tokenizer_makes_the_folder_open_that_tokenizer(hf_tok, sp_file, tm
     assert load_tokenizer(run_dir).digest == load_tokenizer(hf_tok).digest
 
 
+def test_a_concurrent_reader_never_sees_tokenizer_json_without_its_config(hf_tok, tmp_path, monkeypatch):
+    """Several prepare tasks install the tokenizer into one folder at once: whenever tokenizer.json
+    is there, the config naming its BOS/EOS is too (it is renamed into place last)."""
+    from train.data import tokenizer as tk
+    real, seen = tk.write_atomic, []
+
+    def write_and_look(path, data):
+        real(path, data)
+        if (path.parent / "tokenizer.json").is_file():  # what another task would open now
+            seen.append(load_tokenizer(path.parent).digest)
+    monkeypatch.setattr(tk, "write_atomic", write_and_look)
+    copy_tokenizer(load_tokenizer(hf_tok), tmp_path / "out")
+    assert seen == [load_tokenizer(hf_tok).digest]
+
+
 def test_resolve_tokenizer_order_and_an_import_without_one_stops(hf_tok, sp_file, tmp_path):
     model_dir = tmp_path / "model"  # an imported checkpoint: config.json and its tokenizer
     copy_tokenizer(load_tokenizer(hf_tok), model_dir)
