@@ -199,20 +199,22 @@ class _TextFile:
         self.base, self.buf = 0, b""  # the buffer holds bytes [base, base + len(buf))
 
     def _cover(self, lo: int, hi: int) -> None:
-        """Make the buffer hold at least [lo, min(hi, end))."""
+        """Make the buffer hold [lo, min(hi, end)); when it must read, it reads a chunk at least
+        (appending copies the buffer: once per chunk, not per unit)."""
         hi = min(hi, self.end)
+        if self.base <= lo and hi <= self.base + len(self.buf):
+            return
         if not self.base <= lo <= self.base + len(self.buf):
-            self.fh.seek(lo)
-            self.base, self.buf = lo, self.fh.read(hi - lo)
-        elif self.base + len(self.buf) < hi:
-            self.fh.seek(self.base + len(self.buf))
-            self.buf += self.fh.read(hi - self.base - len(self.buf))
+            self.base, self.buf = lo, b""
+        have = self.base + len(self.buf)
+        self.fh.seek(have)
+        self.buf += self.fh.read(min(self.end, max(hi, have + _CHUNK_BYTES)) - have)
 
     def cut_at_or_after(self, x: int) -> int:
         """The first cut point p >= x (text[p - 1] and text[p + 1] inside the text), else `end`."""
         pos = x
         while pos < self.end:
-            self._cover(max(0, pos - 1), pos + _CHUNK_BYTES)
+            self._cover(max(0, pos - 1), pos + 2)
             m = _CUT.search(self.buf, pos - self.base)
             if m:
                 return self.base + m.start()
@@ -223,9 +225,9 @@ class _TextFile:
 
     def cut_before(self, x: int) -> int:
         """The last cut point < x, or 0 (the document's start)."""
-        hi = x
+        hi, width = x, 4 * UNIT_BYTES
         while hi > 0:
-            lo = max(0, hi - _CHUNK_BYTES)
+            lo, width = max(0, hi - width), min(2 * width, _CHUNK_BYTES)
             self.fh.seek(lo)
             window = self.fh.read(min(hi + 1, self.end) - lo)
             found = [m.start() for m in _CUT.finditer(window) if m.start() < hi - lo]
@@ -235,11 +237,11 @@ class _TextFile:
         return 0
 
     def read(self, a: int, b: int) -> bytes:
-        """Bytes [a, b); what lies before b - 1 is dropped from the buffer (read forward only)."""
+        """Bytes [a, b). Reading is forward: once a chunk's worth lies before b - 1, it is dropped."""
         self._cover(a, b)
         data = self.buf[a - self.base:b - self.base]
-        keep = max(self.base, b - 1)
-        self.buf, self.base = self.buf[keep - self.base:], keep
+        if b - 1 - self.base >= _CHUNK_BYTES:  # (not per unit: each drop copies the rest)
+            self.buf, self.base = self.buf[b - 1 - self.base:], b - 1
         return data
 
 
