@@ -60,19 +60,23 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     return root, [d for d in docs if d]
 
 
-@pytest.fixture(scope="module")
-def llama2_sp(corpus, tmp_path_factory) -> Path:
-    """A sentencepiece model as Llama 2's: BPE, dummy prefix, byte fallback, digits split, identity
-    normalisation, ids unk 0, <s> 1, </s> 2."""
+def _train_llama2_sp(docs: list[str], folder: Path, **extra) -> None:
     import sentencepiece as spm
-    root, docs = corpus
-    folder = tmp_path_factory.mktemp("llama2")
     lines = [line for d in docs for line in d.splitlines() if line.strip()][:3000]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
         vocab_size=500, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=0.99,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **extra)
+
+
+@pytest.fixture(scope="module")
+def llama2_sp(corpus, tmp_path_factory) -> Path:
+    """A sentencepiece model as Llama 2's: BPE, dummy prefix, byte fallback, digits split, identity
+    normalisation, ids unk 0, <s> 1, </s> 2."""
+    root, docs = corpus
+    folder = tmp_path_factory.mktemp("llama2")
+    _train_llama2_sp(docs, folder)
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
          "add_bos_token": False, "add_eos_token": False, "legacy": False}))
@@ -190,3 +194,25 @@ def test_a_single_line_longer_than_a_shard_keeps_its_eos(corpus, llama2_sp, tmp_
                          shard_bytes=SHARD)
     tok = load_tokenizer(llama2_sp)
     assert _stored_documents(out, "train", tok.bos_id, tok.eos_id) == [tok.encode(line * 3)]
+
+
+def test_a_tokenizer_that_cannot_cut_encodes_every_document_whole(corpus, tmp_path):
+    """A user-defined symbol could straddle a cut point: such a sentencepiece model encodes every
+    document whole (a .txt larger than a shard is one shard); its symbol in the text is that
+    symbol's piece, as sentencepiece itself encodes it, and BOS/EOS stay at the boundaries."""
+    root, docs = corpus
+    _train_llama2_sp(docs, tmp_path, user_defined_symbols=[EOT, "be ta"])
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    assert not tok.can_cut
+    out = tmp_path / "prepared"
+    done = prep.prepare_dataset(open_corpus(str(root)), tok.path, out, val_fraction=0.2, max_chars=None,
+                                shard_bytes=SHARD)
+    from train.data.shards import plan_shards
+    c = open_corpus(str(root))
+    pieces = [p.file for shard in plan_shards(c, [f.stat().st_size for f in c.files], SHARD, None, False)
+              for p in shard]
+    assert len(pieces) == len(set(pieces)) == len(c.files) and done.shards_total == 5  # none split
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tok.path))
+    stored = [d for split in prep.SPLITS for d in _stored_documents(out, split, tok.bos_id, tok.eos_id)]
+    assert sorted(stored) == sorted(sp.encode(d) for d in docs)  # whole documents, in either split
