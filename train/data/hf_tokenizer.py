@@ -115,7 +115,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.id_to_token(idx)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        """The text of `ids`. Special tokens (BOS, EOS) are no text and decode to nothing, as
+        sentencepiece's control symbols do: decoded text encodes back to its ids, never to
+        special ids (a special token's string in the text is text, see the module docstring)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def _can_cut(spec: dict) -> bool:
