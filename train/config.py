@@ -424,6 +424,10 @@ class RunConfig:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= self.seed < 2**63:
+            # Seeds key numpy SeedSequences (data order), which refuse negative entries, and torch
+            # generators (layer dropout), which would remap them: one rule for both, said up front.
+            raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be auto|float32|bfloat16, got {self.dtype!r}")
 

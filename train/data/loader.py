@@ -25,7 +25,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from train.data.dataset import TokenStream
-from train.data.mixture import MixtureOrder, slot_table
+from train.data.mixture import MixtureOrder
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), LongTensor [batch_size, seq_len] each
 
@@ -181,42 +181,3 @@ class TrainLoader:
         self.position = int(state["position"])
         self._batches = None  # restart fetching (and workers) from the restored position
 
-
-class ValSplit:
-    """Held-out windows in one fixed order, sharded like the train stream. A mixture blends its
-    sources' held-out windows with the train weights (the same slot table, no shuffling)."""
-
-    def __init__(self, streams: list[TokenStream], *, seq_len: int, weights: list[float],
-                 batch_size: int, dp_rank: int, dp_world: int) -> None:
-        self.dataset = SourceWindows(streams, seq_len + 1)
-        self.num_windows = [s.num_windows(seq_len + 1) for s in streams]
-        self.table = slot_table(weights)
-        self.batch_size = batch_size
-        self.offset = dp_rank * batch_size
-        self.global_batch_size = batch_size * dp_world
-
-    def keys(self, limit: int) -> list[tuple[int, int]]:
-        """The first `limit` (source, window) slots of the blended held-out order, fewer when a
-        source runs out (its windows are never repeated)."""
-        keys, taken = [], [0] * len(self.num_windows)
-        for s in range(limit):
-            i = int(self.table[s % len(self.table)])
-            if taken[i] == self.num_windows[i]:
-                break
-            keys.append((i, taken[i]))
-            taken[i] += 1
-        return keys
-
-    def num_batches(self, n: int) -> int:
-        """How many of the first n global validation batches exist."""
-        return len(self.keys(n * self.global_batch_size)) // self.global_batch_size
-
-    def batches(self, n: int) -> list[Batch]:
-        """This rank's rows of the first min(n, available) global validation batches. Every rank
-        gets the same number of batches, so per-batch collectives line up."""
-        keys = self.keys(n * self.global_batch_size)
-        out = []
-        for k in range(len(keys) // self.global_batch_size):
-            first = k * self.global_batch_size + self.offset
-            out.append(to_batch(self.dataset.__getitems__(keys[first:first + self.batch_size])))
-        return out
