@@ -37,10 +37,11 @@ def overrides(corpus: Path, run_dir: Path | None = None) -> list[str]:
             *([f"run_dir={run_dir}"] if run_dir is not None else [])]
 
 
-def default_run_dir(cwd: Path, overrides: list[str]) -> Path:
-    """The run directory a launch of `overrides` without run_dir uses, started in `cwd`."""
+def default_run_dir(cwd: Path, overrides: list[str], dp_world: int = 2) -> Path:
+    """The run directory a launch of `overrides` on `dp_world` data-parallel ranks without
+    run_dir uses, started in `cwd`."""
     from train.run_identity import default_run_dir as named
-    return Path(cwd) / named(compose_config(overrides))
+    return Path(cwd) / named(compose_config(overrides), dp_world)
 
 
 def shared_reference(tmp_path_factory) -> tuple[Path, dict[int, float]]:

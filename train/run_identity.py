@@ -3,9 +3,10 @@
 "Rerun the same command to resume" holds for every launcher (single_node.sh, multi_node.sh,
 slurm.sbatch, `torchrun --standalone`, `python -m train`) because the default run directory,
 `outputs/<experiment>-<hash>`, is named from the settings that define what is trained: the
-experiment, the model, the data and how it is read, the optimizer, LayerSkip and the train
-settings. Everything that may change between a run and its resume is left out: the parallel layout
-(a checkpoint reshards), checkpointing (checkpoint.resume, interval, keep), logging, validation,
+experiment, the model, the data and how it is read (with the global batch size), the optimizer,
+LayerSkip and the train settings. Everything that may change between a run and its resume is left
+out: the parallel layout (a checkpoint reshards onto another one with the same global batch),
+checkpointing (checkpoint.resume, interval, keep), logging, validation,
 profiling, preemption signals, the run directory itself and how data is fetched or where its
 cache lives (data.num_workers, pin_memory, cache_dir, ...).
 
@@ -41,14 +42,17 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def run_identity(cfg: Config) -> dict[str, Any]:
-    """{dotted key: value} of the settings that identify the run `cfg` describes."""
+def run_identity(cfg: Config, dp_world: int) -> dict[str, Any]:
+    """{dotted key: value} of the settings that identify the run `cfg` describes on `dp_world`
+    data-parallel ranks. The batch counts as the global one (data.batch_size x dp_world): a
+    checkpoint resumes on another layout with the same global batch (the data order is global)."""
     full = to_dict(cfg)
     flat: dict[str, Any] = {}
     for section in _SECTIONS:
         _flatten(full[section], section, flat)
     for key in _TOP_LEVEL:
         flat[key] = full[key]
+    flat["data.global_batch_size"] = flat.pop("data.batch_size") * dp_world
     return {k: v for k, v in sorted(flat.items()) if k not in _NOT_IDENTITY}
 
 
@@ -57,9 +61,9 @@ def identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def default_run_dir(cfg: Config) -> Path:
+def default_run_dir(cfg: Config, dp_world: int) -> Path:
     """outputs/<experiment>-<hash of the run's identity>, relative to the working directory."""
-    return Path("outputs") / f"{cfg.experiment}-{identity_hash(run_identity(cfg))}"
+    return Path("outputs") / f"{cfg.experiment}-{identity_hash(run_identity(cfg, dp_world))}"
 
 
 def differences(recorded: dict[str, Any], identity: dict[str, Any]) -> list[str]:

@@ -72,14 +72,14 @@ class TrainState:
     tokens_seen: int = 0
 
 
-def resolve_run_dir(cfg: Config, rank: int) -> Path:
+def resolve_run_dir(cfg: Config, dp_world: int) -> Path:
     """The run directory: run_dir, else outputs/<experiment>-<hash of the run's identity>
     (train/run_identity.py), so the same command finds the same run on every launcher, across
     elastic restarts and requeues. Every rank must have been given the same run: rank 0's
     directory is the job's."""
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, dp_world)
     if dist.is_initialized():
-        mine = identity_hash(run_identity(cfg))
+        mine = identity_hash(run_identity(cfg, dp_world))
         hashes = [None] * dist.get_world_size()
         dist.all_gather_object(hashes, mine)
         if len(set(hashes)) > 1:
@@ -92,13 +92,13 @@ def resolve_run_dir(cfg: Config, rank: int) -> Path:
     return run_dir
 
 
-def refuse_another_runs_checkpoints(cfg: Config, run_dir: Path, is_main: bool) -> None:
+def refuse_another_runs_checkpoints(cfg: Config, run_dir: Path, identity: dict, is_main: bool) -> None:
     """Stop (every rank, one message) when this command would resume checkpoints that another
     command's run left in `run_dir` (see train/run_identity.py)."""
     problem = None
     if is_main:
         has = bool(complete_checkpoints(run_dir / "checkpoints"))
-        problem = check_identity(run_dir, run_identity(cfg), cfg.checkpoint.resume, has)
+        problem = check_identity(run_dir, identity, cfg.checkpoint.resume, has)
     if dist.is_initialized():
         box = [problem]
         dist.broadcast_object_list(box, src=0)
@@ -212,9 +212,9 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     dims = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp, world_size=world)
     dims.check_model(cfg.model, cfg.data.seq_len)
     mesh = dims.build_mesh(device.type)
-    run_dir = resolve_run_dir(cfg, rank)
-    refuse_another_runs_checkpoints(cfg, run_dir, is_main)
-    identity = run_identity(cfg)  # before the tokenizer path is resolved into cfg below
+    run_dir = resolve_run_dir(cfg, dims.dp_world)
+    identity = run_identity(cfg, dims.dp_world)  # before the tokenizer path is resolved into cfg below
+    refuse_another_runs_checkpoints(cfg, run_dir, identity, is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("run directory: %s", run_dir.resolve())
