@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 EXIT_PREEMPTED = 75
 # Validation long enough (every held-out batch, each exit) that a signal sent when its step is
 # logged lands inside it.
-VALIDATE_AT = 10
+VALIDATE_AT = 30
 LONG_VALIDATION = [f"eval.every={VALIDATE_AT}", "eval.batches=100000"]
 
 
