@@ -2,7 +2,9 @@
 
 `evaluate` is the per-exit computation (one place: every layer's exit over the held-out batches,
 averaged over the data-parallel ranks); `validate` runs it at the current step for the run's
-held-out batches (and each mixture source's) and logs the result; `validation_due` says when.
+held-out batches (and each mixture source's) and logs the result, or stops between two batches
+when a preemption signal arrived (so the checkpoint is not delayed by a whole validation);
+`validation_due` says when.
 """
 from __future__ import annotations
 
@@ -61,15 +63,44 @@ def evaluate(model, batches, n_layers: int, per_layer: bool, chunk_tokens: int, 
     return result
 
 
+class _Interrupted(Exception):
+    """Some rank was signalled: validation stops before its next batch."""
+
+
+class _StopBetweenBatches(list):
+    """The held-out batches; before each one, every rank asks `stop()` together (a collective),
+    so a preemption signal is noticed within one batch and every rank stops at the same batch."""
+
+    def __init__(self, batches: list, stop):
+        super().__init__(batches)
+        self.stop = stop
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.stop():
+                raise _Interrupted
+            yield batch
+
+
 def validate(r: Run, val_batches: list, metrics: MetricsLogger,
-             source_val: dict[str, list] | None = None) -> dict[str, float]:
+             source_val: dict[str, list] | None = None) -> dict[str, float] | None:
     """Held-out loss of every exit (or the last layer only), and with a mixture each source's
-    final-layer loss (`source_val`: name -> batches), logged at the current step."""
+    final-layer loss (`source_val`: name -> batches), logged at the current step. None (nothing
+    logged) when a preemption signal interrupted it: the run saves and stops instead."""
     chunk = r.cfg.layerskip.exit.chunk_tokens
-    vals = evaluate(r.model, val_batches, r.n_layers, r.cfg.eval.per_layer, chunk, r.dims.tp, r.dp_group)
-    for name, batches in (source_val or {}).items():
-        vals[f"val/loss/source/{name}"] = evaluate(r.model, batches, r.n_layers, False, chunk, r.dims.tp,
-                                                   r.dp_group)["val/loss/final"]
+
+    def checked(batches: list) -> list:
+        return _StopBetweenBatches(batches, r.any_rank_signalled)
+
+    try:
+        vals = evaluate(r.model, checked(val_batches), r.n_layers, r.cfg.eval.per_layer, chunk, r.dims.tp,
+                        r.dp_group)
+        for name, batches in (source_val or {}).items():
+            vals[f"val/loss/source/{name}"] = evaluate(r.model, checked(batches), r.n_layers, False, chunk,
+                                                       r.dims.tp, r.dp_group)["val/loss/final"]
+    except _Interrupted:
+        r.model.train()
+        return None
     if r.is_main:
         shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
                          for l in range(r.n_layers) if f"val/loss/layer_{l:02d}" in vals)

@@ -13,6 +13,7 @@ from the same position. Resuming on changed data is refused, naming the folder t
 
 Fetching runs in torchdata's StatefulDataLoader (worker processes when num_workers > 0); this
 module keeps the position itself, because the loader's own state is per rank and per worker count.
+Its workers ignore the job's preemption signals and die with their rank (train/process_lifetime.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from train.data.dataset import TokenStream
 from train.data.mixture import MixtureOrder
+from train.process_lifetime import loader_worker_init
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), LongTensor [batch_size, seq_len] each
 
@@ -141,7 +143,9 @@ class TrainLoader:
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             loader = StatefulDataLoader(
                 self.dataset, batch_sampler=sampler, collate_fn=to_batch,
-                num_workers=self.num_workers, pin_memory=self.pin_memory)
+                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                # workers ignore the job's signals (the trainer saves) and die with their rank
+                worker_init_fn=loader_worker_init if self.num_workers > 0 else None)
         return iter(loader)
 
     def __iter__(self) -> TrainLoader:

@@ -51,6 +51,7 @@ import numpy as np
 from train.data.shards import Piece, is_text, plan_shards, read_units
 from train.data.sources import Corpus, DataError
 from train.data.tokenizer import copy_tokenizer, find_tokenizer_file, load_tokenizer, write_atomic
+from train.process_lifetime import pool_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,8 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
         else:  # spawn: workers start clean (no inherited threads); they import no torch
             ctx = get_context("spawn")
             queue = ctx.Queue() if bar else None
-            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
-                                       initializer=_set_progress_queue, initargs=(queue,))
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,  # workers die with us
+                                       initializer=pool_worker_init, initargs=(_set_progress_queue, queue))
             pending = {pool.submit(write_shard, j) for j in jobs}
             while pending:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
