@@ -8,7 +8,10 @@
 #      e_scale 0.1), compiled;
 #   4. bench/layerskip_cost.py in bf16 on the same shapes;
 #   5. the dry run's memory estimate of run 2 (python -m train parallel.dry_run=1), to hold
-#      against the measured peak.
+#      against the measured peak;
+#   6. bench/smollm2_speed.py on a random tied Llama of SmolLM2's shape (fp32, 4 x 128 tokens):
+#      Hugging Face's plain LlamaForCausalLM step against our trainer, LayerSkip off and on, and
+#      validation of every exit against its FLOP bound (needs transformers on the device).
 # It writes suite.json, suite.md (the table of ratios against the targets) and suite.log into
 # --out, and keeps runs, logs and data in a work folder (GPU_SUITE_WORK, default /tmp/gpu_suite).
 #
@@ -78,12 +81,14 @@ if [ $DRY = 1 ]; then
   PREP_VOCAB=$CMP_VOCAB; MAX_CHARS=200000
   COST=(--preset tiny)
   COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
+  HF_CMP=(--synthetic tiny --steps 3 --warmup 1 --val-batches 1)
 else
   FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
   MODEL=(model=llama3_2_1b model.tie_embeddings=false model.max_seq_len=$SEQ)  # torchtitan's 1B is untied
   PREP_VOCAB=8192; MAX_CHARS=4000000
   COST=(--preset anchor --batch 4 --seq 4096 --chunk 4096 --rounds 8 --warmup 2)
   COMPILE=1
+  HF_CMP=(--synthetic smollm2 --steps 12 --warmup 4 --val-batches 4)
 fi
 
 # ---- python packages: ours unpacked into $WORK/site, the anchor's by run_titan.sh into $WORK/titan/vendor
@@ -158,6 +163,8 @@ if [ "$COMPILE" = 1 ]; then
 fi
 run_step layerskip_cost 150 env PYTHONPATH="$OURPATH" "$PY" bench/layerskip_cost.py "${COST[@]}" \
   --out "$WORK/layerskip_cost.json"
+run_step hf_compare 150 env PYTHONPATH="$OURPATH" "$PY" bench/smollm2_speed.py "${HF_CMP[@]}" \
+  --parts hf,ours,ours_layerskip,validation --work "$WORK/hf_compare" --out "$WORK/hf_compare.json"
 run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ "$COMPILE" = 1 ] && echo true || echo false) \
   run_dir="$WORK/runs/paper"
 

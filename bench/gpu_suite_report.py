@@ -70,6 +70,8 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
         runs[name] = ours(work / "runs" / name, warmup)
     cost_path = work / "layerskip_cost.json"
     cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
+    cmp_path = work / "hf_compare.json"  # bench/smollm2_speed.py
+    hf_compare = json.loads(cmp_path.read_text()) if cmp_path.is_file() else None
     est_path = work / "estimate.json"
     estimate = json.loads(est_path.read_text()) if est_path.is_file() else None
 
@@ -88,12 +90,16 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
         _check("time per exit / three-GEMM bound, rotational R=4", cost_of("exit_rot4", "per_exit_over_floor"), "<=", 1.25, dry),
         _check("time per exit / three-GEMM bound, every layer", cost_of("exit_all", "per_exit_over_floor"), "<=", 1.25, dry),
         _check("peak memory, every layer exiting / no exits", cost_of("exit_all", "peak_vs_final_fused"), "<=", 1.05, dry),
+        _check("step speed vs HF LlamaForCausalLM (SmolLM2 shape, fp32), LayerSkip off",
+               hf_compare.get("ours_over_hf_speed_1proc") if hf_compare else None, ">=", 1.0, dry),
     ]
     info = {
         "paper setting MFU % (compiled on GPU)": runs["paper"]["mfu_pct_median"] if runs.get("paper") else None,
         "torchtitan MFU % (compiled)": runs["titan_compile"]["mfu_pct_median"] if runs.get("titan_compile") else None,
         "paper setting tokens/s vs ours with LayerSkip off": ratio("paper", "ours_compile" if runs.get("ours_compile") else "ours_eager", "tps_per_gpu_median"),
         "peak memory ours / torchtitan, eager": ratio("ours_eager", "titan_eager", "peak_active_gib"),
+        "validation of every exit / FLOP bound (SmolLM2 shape; GPU: datasheet bf16 peak)": (
+            hf_compare["validation"]["over_flop_bound"] if hf_compare and "validation" in hf_compare else None),
         # (in a dry run: a bf16 estimate against an fp32 CPU process's resident set: no meaning)
         "dry-run estimate / measured peak, ours eager": (
             estimate["total_bytes_per_rank"] / 2**30 / runs["ours_eager"]["peak_active_gib"]
@@ -106,7 +112,7 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
             torch_version = line.split()[1]
             device = line.split(" dev=", 1)[1].split(" | ")[0]
             break
-    expected = ["titan_eager", "prep", "ours_eager", "paper", "layerskip_cost", "estimate"]
+    expected = ["titan_eager", "prep", "ours_eager", "paper", "layerskip_cost", "estimate", "hf_compare"]
     if not dry or "titan_compile" in status:
         expected += ["titan_compile", "ours_compile"]
     missing = [n for n in expected if status.get(n) != "0"]
@@ -115,7 +121,7 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
         missing.append("layerskip_cost")
     return {"mode": "dry_run" if dry else "gpu", "device": device, "torch": torch_version,
             "steps": status, "failed_or_missing": missing, "runs": runs, "checks": checks, "info": info,
-            "layerskip_cost": cost, "estimate": estimate}
+            "layerskip_cost": cost, "estimate": estimate, "hf_compare": hf_compare}
 
 
 def table(report: dict) -> str:

@@ -4,7 +4,7 @@
 #   signal would otherwise kill the agent outright) and forwards them to the workers, which save a
 #   checkpoint and stop; torchrun SIGKILLs workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by
 #   default) after the signal, so the save must fit in that grace period;
-# - a signal sent to this shell is passed on to torchrun;
+# - a signal sent to this shell is passed on to torchrun's workers (forward_signal, below);
 # - a preempted run exits 75 (the workers leave the marker file LAYERSKIP_PREEMPT_MARKER names),
 #   whatever torchrun's own status (1 when it was signalled, 0 when only the workers were);
 # - NCCL's flight recorder keeps the last collectives of every rank and dumps them when a
@@ -18,13 +18,25 @@ export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
 export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 EXIT_PREEMPTED=75
 
+# A signal to this shell goes to torchrun's workers (the training ranks), not to torchrun: they
+# save and stop, torchrun sees them finish and exits. Sent to torchrun, it would add to the signal
+# a scheduler sends torchrun itself (Slurm and `kill -- -PGID` signal every process), and a
+# second signal cuts torchrun's wait for its workers short (each one restarts or ends the grace).
+# Before the workers exist torchrun gets it (there is nothing to save yet).
+forward_signal() {
+  local sig="$1" agent="$2" workers
+  workers="$(pgrep -P "$agent" || true)"
+  # shellcheck disable=SC2086
+  kill -s "$sig" ${workers:-$agent} 2>/dev/null || true
+}
+
 run_torchrun() {
   local marker pid rc=0
   marker="$(mktemp -u "${TMPDIR:-/tmp}/layerskip-preempted.XXXXXXXX")"
   LAYERSKIP_PREEMPT_MARKER="$marker" torchrun "$@" &
   pid=$!
   # shellcheck disable=SC2064
-  for sig in TERM INT USR1 HUP; do trap "kill -s $sig $pid 2>/dev/null || true" "$sig"; done
+  for sig in TERM INT USR1 HUP; do trap "forward_signal $sig $pid" "$sig"; done
   while :; do  # `wait` returns early when a trapped signal arrives; wait until torchrun is gone
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break

@@ -2,7 +2,9 @@
 # Several nodes with a c10d rendezvous. Run the same command on every node:
 #   bash launch/multi_node.sh --nnodes 8 --node-rank 0 --endpoint host0:29500 --run-id exp42 [hydra overrides]
 # Under Slurm the values default to SLURM_NNODES, SLURM_NODEID, the first host of
-# SLURM_JOB_NODELIST and SLURM_JOB_ID.
+# SLURM_JOB_NODELIST and SLURM_JOB_ID. --run-id names the rendezvous only: the run directory
+# follows from the command (outputs/<experiment>-<hash of the run's settings>, or run_dir=), so
+# rerunning the same command resumes; every node must be given the same overrides.
 # A preemption signal (SIGTERM, SIGUSR1) saves a checkpoint and exits 75 (launch/_torchrun.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 : "${ENDPOINT:?give --endpoint HOST:PORT (the rendezvous host, reachable from every node)}"
-: "${RUN_ID:?give --run-id ID (the same on every node; names the run directory)}"
+: "${RUN_ID:?give --run-id ID (the same on every node; names the rendezvous)}"
 NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
 run_torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NPROC" \
   --rdzv-backend=c10d --rdzv-endpoint="$ENDPOINT" --rdzv-id="$RUN_ID" \

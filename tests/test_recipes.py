@@ -70,6 +70,7 @@ def test_cli_overrides_reach_typed_config():
     ("train.steps=abc", "train.steps"),
     ("model.n_heads=5", "model.n_heads"),
     ("checkpoint.resume=yesterday", "checkpoint.resume"),
+    ("train.seed=-1", "train.seed"),  # would crash at the first batch (numpy's SeedSequence)
 ])
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -35,7 +35,8 @@ is what a manifest is for), rank 0 writes the manifest, fsyncs, writes COMPLETE 
 the folder into place (atomic on POSIX). Only a folder named `step-<digits>` holding COMPLETE
 counts as a checkpoint, so a crash at any moment leaves nothing that looks complete. Older
 complete checkpoints beyond `keep` and leftover `.tmp-`/`.old-` folders are deleted only after the
-new checkpoint is in place. On resume every file is checked against the manifest (sizes by every
+new checkpoint is in place. On resume rank 0 lists the folder and chooses, the other ranks follow
+(a stale listing on one rank cannot make ranks load different steps); every file is checked against the manifest (sizes by every
 rank, checksums shared out over the ranks); a damaged checkpoint is skipped with a warning in
 favour of the previous one (`resume=latest`) or refused (`resume=<step>`).
 
@@ -265,13 +266,14 @@ def model_layout(model: nn.Module, world: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- choosing what to load
 
 def select_checkpoint(root: Path, resume: str, verify: Callable[[Path], list[str]],
-                      warn: bool = True) -> Path | None:
+                      warn: bool = True, steps: list[tuple[int, Path, bool]] | None = None) -> Path | None:
     """The checkpoint `resume` asks for: "latest" -> the newest intact complete one (damaged ones
     are skipped with a warning; None when there is none at all); "<step>" -> exactly that one,
     intact, or CheckpointError. `verify(folder)` returns the problems found in a folder; `warn`
-    says whether this process logs the warnings (rank 0 only, in a distributed job)."""
+    says whether this process logs the warnings (rank 0 only, in a distributed job); `steps` is
+    the listing of `root` to choose from (default: list it here)."""
     resume = str(resume)
-    steps = list_step_dirs(root)
+    steps = list_step_dirs(root) if steps is None else steps
     if resume == "latest":
         candidates = [p for _, p, done in reversed(steps) if done]
         newest = max((s for s, _, done in steps if done), default=-1)
@@ -327,6 +329,7 @@ class CheckpointManager:
         self.rank, self.world = rank, world
         self.model_cfg = model_cfg
         self.folder: Path | None = None  # the checkpoint `load` restored
+        self.step_on_disk: int | None = None  # the step of the last checkpoint loaded or completed
         self._pending: _PendingSave | None = None
         self._pg = None
         if dist.is_available() and dist.is_initialized():
@@ -483,6 +486,7 @@ class CheckpointManager:
             log.info("saved checkpoint %s (%.1f MB %s %.1f s)", p.final, size / 1e6, how,
                      time.perf_counter() - p.started)
         self._barrier()  # nobody moves on before the checkpoint is in place
+        self.step_on_disk = p.step
 
     def _clean_up(self) -> None:
         """Rank 0, after a checkpoint completed: drop complete checkpoints beyond `keep` and the
@@ -512,12 +516,16 @@ class CheckpointManager:
         if resume == "none":
             self._set_aside(after_step=-1, reason="checkpoint.resume=none: starting fresh")
             return None
-        path = select_checkpoint(self.root, resume, self._verify, warn=self.rank == 0)
+        # Rank 0 lists the folder and decides; the others follow, whatever their own (possibly
+        # stale, on a network file system) listing says: every rank then verifies the same
+        # candidates in the same order, and loads the same step with the same collectives.
+        listing = self._broadcast(list_step_dirs(self.root) if self.rank == 0 else None)
+        path = select_checkpoint(self.root, resume, self._verify, warn=self.rank == 0, steps=listing)
         if path is None:
             if self.rank == 0:
                 log.info("no checkpoint in %s: starting fresh", self.root)
             return None
-        meta = read_meta(path)
+        meta = self._read_meta_on_rank0(path)
         check_compatible(meta, self.model_cfg, path)
         saved_layout, layout = meta.get("layout"), model_layout(model, self.world)
         if self.rank == 0 and saved_layout != layout:
@@ -531,7 +539,21 @@ class CheckpointManager:
                            optim_state_dict=state["optim"])
         self._set_aside(after_step=meta["step"], reason=f"resuming from {path.name}")
         self.folder = path
+        self.step_on_disk = meta["step"]
         return meta["extra"]
+
+    def _read_meta_on_rank0(self, folder: Path) -> dict:
+        """meta.json as rank 0 reads it; an unreadable one fails on every rank alike."""
+        found: tuple[dict | None, str | None] = (None, None)
+        if self.rank == 0:
+            try:
+                found = (read_meta(folder), None)
+            except (OSError, ValueError, CheckpointError) as e:
+                found = (None, f"checkpoint {folder}: {META} unreadable ({e})")
+        meta, error = self._broadcast(found)
+        if error:
+            raise CheckpointError(error)
+        return meta
 
     def _verify(self, folder: Path) -> list[str]:
         """verify_files with the checksums shared out over the ranks; every rank gets the same

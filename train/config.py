@@ -251,6 +251,36 @@ class DropoutConfig:
         return self.p_max > 0 or (self.rates is not None and any(r > 0 for r in self.rates))
 
 
+def parse_layers(spec: Any, n_layers: int, key: str) -> list[int]:
+    """Block indices from a list of integers (negative: from the end) or a slice string like
+    '0::4' or '2:10:2' (sorted, unique); None or [] gives []. Errors name `key`."""
+    if spec is None or spec == [] or spec == "":
+        return []
+    if isinstance(spec, str):
+        try:
+            parts = [int(p) if p.strip() else None for p in spec.split(":")]
+            if len(parts) == 1:
+                idx = [parts[0]]
+            elif len(parts) <= 3:
+                idx = list(range(n_layers))[slice(*parts)]
+            else:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{key}: {spec!r} is not a slice string like '0::4' or '2:10:2'") from None
+    else:
+        idx = list(spec)
+    out = []
+    for i in idx:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ConfigError(f"{key} entries must be integers, got {i!r}")
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise ConfigError(f"{key}: layer {i} is out of range for {n_layers} layers")
+        out.append(j)
+    return sorted(set(out))
+
+
 @dataclass
 class ExitConfig:
     """Early-exit loss through the shared final norm + output head."""
@@ -278,32 +308,7 @@ class ExitConfig:
     def layer_list(self, n_layers: int) -> list[int]:
         """The block indices allowed to exit (sorted, unique). The last block is not listed: it is
         the model's own output and always in the loss."""
-        spec = self.layers
-        if spec is None or spec == [] or spec == "":
-            return []
-        if isinstance(spec, str):
-            try:
-                parts = [int(p) if p.strip() else None for p in spec.split(":")]
-                if len(parts) == 1:
-                    idx = [parts[0]]
-                elif len(parts) <= 3:
-                    idx = list(range(n_layers))[slice(*parts)]
-                else:
-                    raise ValueError
-            except (ValueError, TypeError):
-                raise ConfigError(
-                    f"layerskip.exit.layers: {spec!r} is not a slice string like '0::4' or '2:10:2'") from None
-        else:
-            idx = list(spec)
-        out = []
-        for i in idx:
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise ConfigError(f"layerskip.exit.layers entries must be integers, got {i!r}")
-            j = i + n_layers if i < 0 else i
-            if not 0 <= j < n_layers:
-                raise ConfigError(f"layerskip.exit.layers: layer {i} is out of range for {n_layers} layers")
-            out.append(j)
-        return sorted(set(out) - {n_layers - 1})
+        return [l for l in parse_layers(self.layers, n_layers, "layerskip.exit.layers") if l != n_layers - 1]
 
 
 @dataclass
@@ -373,13 +378,23 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 100  # steps between validations; 0 disables (a final one still runs)
     batches: int = 8  # validation batches per rank
-    per_layer: bool = True  # validate every layer's exit, not only the last
+    per_layer: bool = True  # validate every layer's exit (or eval.exits), not only the last
+    # The exits validated (as layerskip.exit.layers: a list or a slice string like '0::4'); null:
+    # every layer. The final layer is always validated.
+    exits: Any = None
 
     def validate(self) -> None:
         if self.every < 0:
             raise ConfigError(f"eval.every must be >= 0, got {self.every}")
         if self.batches < 1:
             raise ConfigError(f"eval.batches must be >= 1, got {self.batches}")
+
+    def layer_list(self, n_layers: int) -> list[int]:
+        """The layers validated, the final one included (sorted)."""
+        if not self.per_layer:
+            return [n_layers - 1]
+        exits = list(range(n_layers)) if self.exits is None else parse_layers(self.exits, n_layers, "eval.exits")
+        return sorted(set(exits) | {n_layers - 1})
 
 
 @dataclass
@@ -424,6 +439,10 @@ class RunConfig:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= self.seed < 2**63:
+            # Seeds key numpy SeedSequences (data order), which refuse negative entries, and torch
+            # generators (layer dropout), which would remap them: one rule for both, said up front.
+            raise ConfigError(f"train.seed must be an integer in [0, 2**63), got {self.seed}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be auto|float32|bfloat16, got {self.dtype!r}")
 
@@ -461,6 +480,7 @@ class Config:
             return
         self.layerskip.dropout.validate(self.model.n_layers)
         self.layerskip.exit.validate(self.model.n_layers)
+        self.eval.layer_list(self.model.n_layers)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) is longer than the model's context "

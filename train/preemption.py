@@ -7,9 +7,12 @@ forwards it to its workers and SIGKILLs them after `--shutdown-timeout` (30 s in
 
 What happens here: the handler only records the signal (nothing else is safe inside a handler);
 the training loop carries that flag in the step's existing metrics collective, so every rank
-learns within one step that some rank was signalled (whether the signal reached torchrun, which
-forwards it, or one worker directly); the ranks finish the step in progress, complete any async
-save, save a checkpoint synchronously and stop with `Preempted`. The entry point turns that into
+learns within one step that some rank was signalled (whether the signal reached every process of
+the job, torchrun, which forwards it, or one worker directly); between steps the ranks also ask
+each other, together, between validation batches, after a periodic save and before the first
+step (train/trainer.py). The ranks then complete any async save, save a checkpoint of the current
+step synchronously (unless it is on disk already) and stop with `Preempted`. Data-loader workers
+ignore these signals and die with their rank (train/process_lifetime.py). The entry point turns that into
 exit code EXIT_PREEMPTED (75, EX_TEMPFAIL: "try again later"), except under torchrun, where a
 preempted worker exits 0: any other code makes the agent restart the workers (--max-restarts),
 which would resume and train on until the SIGKILL. The launch scripts tell a preempted run from a

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,8 +36,8 @@ from parallel.dims import ParallelDims
 from parallel.distributed import (HangDumps, clip_grad_norm_, destroy, gather_rows, init_distributed,
                                   is_collective_timeout)
 from parallel.parallelize import load_full_state_dict, parallelize
-from train.checkpoint import CheckpointManager, step_dir_name
-from train.config import Config, to_dict
+from train.checkpoint import CheckpointManager, complete_checkpoints, step_dir_name
+from train.config import Config, ConfigError, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
 from train.layerskip.curriculum import ExitCurriculum
@@ -49,6 +50,7 @@ from train.optim import build_optimizer, lr_at, set_lr
 from train.preemption import PreemptionWatch, Preempted, write_marker
 from train.preemption import exit_code as preempted_exit_code
 from train.profiling import build_profiler
+from train.run_identity import check_identity, default_run_dir, identity_hash, run_identity, write_identity
 from train.validation import loss_context, validate, validation_due
 
 log = logging.getLogger("train")
@@ -70,18 +72,39 @@ class TrainState:
     tokens_seen: int = 0
 
 
-def resolve_run_dir(cfg: Config, rank: int) -> Path:
-    """One run directory per job, named from the launcher's run id (identical on every rank and
-    across elastic restarts), never from each rank's clock."""
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-    if not run_id or run_id == "none":
-        stamp = [time.strftime("%Y%m%d-%H%M%S") if rank == 0 else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(stamp, src=0)
-        run_id = stamp[0]
-    return Path("outputs") / f"{cfg.experiment}-{run_id}"
+def resolve_run_dir(cfg: Config, dp_world: int) -> Path:
+    """The run directory: run_dir, else outputs/<experiment>-<hash of the run's identity>
+    (train/run_identity.py), so the same command finds the same run on every launcher, across
+    elastic restarts and requeues. Every rank must have been given the same run: rank 0's
+    directory is the job's."""
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, dp_world)
+    if dist.is_initialized():
+        mine = identity_hash(run_identity(cfg, dp_world))
+        hashes = [None] * dist.get_world_size()
+        dist.all_gather_object(hashes, mine)
+        if len(set(hashes)) > 1:
+            odd = [i for i, h in enumerate(hashes) if h != hashes[0]]
+            raise ConfigError(f"ranks {odd} were started with other settings than rank 0 (model, data, "
+                              f"optim, layerskip or train differ): start every node with the same command")
+        box = [str(run_dir)]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    return run_dir
+
+
+def refuse_another_runs_checkpoints(cfg: Config, run_dir: Path, identity: dict, is_main: bool) -> None:
+    """Stop (every rank, one message) when this command would resume checkpoints that another
+    command's run left in `run_dir` (see train/run_identity.py)."""
+    problem = None
+    if is_main:
+        has = bool(complete_checkpoints(run_dir / "checkpoints"))
+        problem = check_identity(run_dir, identity, cfg.checkpoint.resume, has)
+    if dist.is_initialized():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ConfigError(problem)
 
 
 def _dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -141,6 +164,13 @@ class Run:
     state: TrainState = dataclasses.field(default_factory=TrainState)
     nan_streak: int = 0  # consecutive steps skipped for a non-finite loss (not checkpointed)
     preemption: PreemptionWatch | None = None  # set by run(): the signals that stop the run
+    identity: dict = dataclasses.field(default_factory=dict)  # train/run_identity.py
+
+    def any_rank_signalled(self) -> bool:
+        """Collective (every rank calls it at the same point): did some rank get a preemption
+        signal? The step's own sync carries the flag too; this asks between steps."""
+        mine = float(self.preemption is not None and self.preemption.requested)
+        return any(row[0] > 0 for row in gather_rows([mine]))
 
     @property
     def is_main(self) -> bool:
@@ -182,7 +212,9 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     dims = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp, world_size=world)
     dims.check_model(cfg.model, cfg.data.seq_len)
     mesh = dims.build_mesh(device.type)
-    run_dir = resolve_run_dir(cfg, rank)
+    run_dir = resolve_run_dir(cfg, dims.dp_world)
+    identity = run_identity(cfg, dims.dp_world)  # before the tokenizer path is resolved into cfg below
+    refuse_another_runs_checkpoints(cfg, run_dir, identity, is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("run directory: %s", run_dir.resolve())
@@ -216,7 +248,7 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
                              model_cfg=cfg.model)
     return Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims,
                dp_group=mesh["dp_shard"].get_group(), run_dir=run_dir, data=data, model=model,
-               optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt)
+               optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt, identity=identity)
 
 
 # --------------------------------------------------------------------------- resume
@@ -235,6 +267,7 @@ def resume(r: Run) -> None:
         log.info("resumed from step %d (%s)", r.state.step, r.ckpt.folder)
     if r.is_main:  # only now: a refused resume must not overwrite the config of the run it refused
         _write_config(r.cfg, r.run_dir)
+        write_identity(r.run_dir, r.identity, ["python -m train", *sys.argv[1:]])
 
 
 # --------------------------------------------------------------------------- one step
@@ -328,13 +361,13 @@ def save_if_due(r: Run, last: bool) -> bool:
     return False
 
 
-def stop_for_preemption(r: Run, saved: bool) -> Preempted:
-    """Every rank learnt (in the step's sync) that some rank was signalled: complete the
-    checkpoint of the step just finished, synchronously, and return the `Preempted` to raise."""
+def stop_for_preemption(r: Run) -> Preempted:
+    """Every rank learnt that some rank was signalled: make sure a complete checkpoint of the
+    current step exists (complete an async save of it in flight, or save it now, synchronously;
+    never a second save of a step already on disk) and return the `Preempted` to raise."""
     started = time.perf_counter()
-    if saved:
-        r.ckpt.wait()  # an async save of this very step: complete it
-    else:
+    r.ckpt.wait()  # an async save in flight (of this step or an earlier one): complete it
+    if r.ckpt.step_on_disk != r.state.step:
         r.ckpt.save(r.state.step, r.model, r.optimizer, r.extra_state(), blocking=True)
     save_s = time.perf_counter() - started
     signal_name = (r.preemption.received if r.preemption else None) or "a peer's signal"
@@ -363,8 +396,14 @@ def train_loop(r: Run) -> Path:
     dumps = HangDumps(r.run_dir / "dumps", r.rank, after_s=0.9 * cfg.parallel.timeout_s)
     profiler = build_profiler(cfg.profiling, r.run_dir / "profile", r.rank, r.device)
     try:
+        # Where a preemption signal is noticed (every rank together, so that all stop at the same
+        # point): in each step's metrics sync, between validation batches, after a periodic save,
+        # and before the first step (a signal while the run was built, resumed or first
+        # validated; with parallel.compile the first step compiles, and its sync is the next check).
         if r.state.step == 0 and cfg.eval.every > 0:
             validate(r, val_batches, metrics, source_val)
+        if r.any_rank_signalled():
+            raise stop_for_preemption(r)
         batches = iter(r.data.train)
         window = LogWindow(r.n_layers)
         while r.state.step < cfg.train.steps:
@@ -376,16 +415,18 @@ def train_loop(r: Run) -> Path:
                 profiler.step_ended(r.state.step)
             window.add(result, step_tokens, tp)
             step, last = r.state.step, r.state.step == cfg.train.steps
-            if step % cfg.logging.every == 0 or last or result.preempt:
+            preempt = result.preempt
+            if step % cfg.logging.every == 0 or last or preempt:
                 log_window(r, window, result, tp, metrics)
                 window = LogWindow(r.n_layers)
-            if validation_due(cfg, step, last) and not result.preempt:
+            if validation_due(cfg, step, last) and not preempt:
                 dumps.heartbeat()
-                validate(r, val_batches, metrics, source_val)
+                preempt = validate(r, val_batches, metrics, source_val) is None  # None: interrupted
             dumps.heartbeat()  # a save may take long: its own watchdog budget
-            saved = save_if_due(r, last)
-            if result.preempt and not last:
-                raise stop_for_preemption(r, saved)
+            if save_if_due(r, last) and not preempt and not last:
+                preempt = r.any_rank_signalled()  # a signal during the save: stop at this step
+            if preempt and not last:
+                raise stop_for_preemption(r)
         r.ckpt.wait()  # collective: only on the success path (a failing rank must not block the others)
     except Exception as e:
         if not is_collective_timeout(e):

@@ -42,6 +42,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert proc.returncode == 0, log[-4000:]
     report = json.loads((out / "suite.json").read_text())
     assert report["mode"] == "dry_run" and report["failed_or_missing"] == []
+    assert report["hf_compare"]["ours"]["step_s_median"] > 0 and report["hf_compare"]["hf"]["tied"]
     for run in ("titan_eager", "ours_eager", "paper"):
         r = report["runs"][run]
         assert r["tps_per_gpu_median"] > 0 and r["steps_logged"] >= 2, run
@@ -73,7 +74,7 @@ def test_report_on_gpu_figures(tmp_path):
         pytest.skip(reason="no anchor kit beside the checkout (../shared/anchor or .gpu_suite/anchor)")
     work = tmp_path
     steps = ["titan_eager", "prep", "estimate", "ours_eager", "titan_compile", "ours_compile",
-             "layerskip_cost", "paper"]
+             "layerskip_cost", "hf_compare", "paper"]
     (work / "status.txt").write_text("".join(f"{s} 0\n" for s in steps))
     (work / "titan_eager.log").write_text("torch 2.11.0+cu130 cuda=13.0 avail=True dev=NVIDIA H100 | torchtitan 0.2.2\n")
     for mode, tps in (("eager", 1000.0), ("compile", 2000.0)):
@@ -90,6 +91,8 @@ def test_report_on_gpu_figures(tmp_path):
                                                                      "peak_vs_final_fused": 1.02}}
     (work / "layerskip_cost.json").write_text(json.dumps({"meta": {}, "results": cost}))
     (work / "estimate.json").write_text(json.dumps({"total_bytes_per_rank": 44 * 2**30}))
+    (work / "hf_compare.json").write_text(json.dumps({"ours_over_hf_speed_1proc": 1.2,
+                                                      "validation": {"over_flop_bound": 1.4}}))
     report = report_mod.build(work, anchor, "1B", warmup=1, dry=False)
     assert report["failed_or_missing"] == [] and report["device"] == "NVIDIA H100"
     verdicts = {c["check"]: (round(c["value"], 3), c["verdict"]) for c in report["checks"]}
@@ -98,6 +101,7 @@ def test_report_on_gpu_figures(tmp_path):
     assert verdicts["layer dropout p_max 0.2: realised / ideal saving"] == (0.7, "MISS")
     assert verdicts["time per exit / three-GEMM bound, every layer"] == (1.3, "MISS")
     assert verdicts["peak memory, every layer exiting / no exits"] == (1.02, "PASS")
+    assert verdicts["step speed vs HF LlamaForCausalLM (SmolLM2 shape, fp32), LayerSkip off"] == (1.2, "PASS")
     assert report["info"]["peak memory ours / torchtitan, eager"] == pytest.approx(0.8)
     assert report["info"]["dry-run estimate / measured peak, ours eager"] == pytest.approx(1.1)
     assert "| ours_compile | 1,800 |" in report_mod.table(report)

@@ -1,11 +1,15 @@
-"""Exit agreement (val/agree/layer_XX): chunked top-1 comparison == a direct computation."""
+"""Validation of exits (val/loss/layer_XX, val/agree/layer_XX): the chunked one-pass loss and
+top-1 comparison == a direct computation on full logits; eval.exits picks the exits."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from train.config import ModelConfig
-from train.layerskip.agreement import exit_agreement
+import torch.nn.functional as F
+
+from train.config import ConfigError
+from train.layerskip.agreement import exit_scores
 from tests.train._models import one_thread, random_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,15 +25,22 @@ def _direct(model, tokens: torch.Tensor) -> dict[int, float]:
 
 
 @torch.no_grad()
-def test_chunked_agreement_equals_direct_computation():
+def test_chunked_scores_equal_direct_computation():
     model = random_model(CFG)
-    tokens = torch.randint(0, CFG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, CFG.vocab_size, (3, 20), generator=gen)
+    labels = torch.randint(0, CFG.vocab_size, (3, 20), generator=gen)
+    labels[0, :5] = -100  # ignored positions count for agreement, not for the loss
     want = _direct(model, tokens)
+    _, all_hidden = model(tokens, capture=range(CFG.n_layers))
+    want_loss = {l: F.cross_entropy(model.unembed(h).flatten(0, 1), labels.flatten(), reduction="sum").item()
+                 for l, h in all_hidden.items()}
     h_last, hidden = model(tokens, capture=range(CFG.n_layers - 1))
-    for chunk in (7, 4096):  # uneven chunks of the sequence; one chunk
-        counts, total = exit_agreement(model, h_last, hidden, chunk_tokens=chunk)
-        assert int(total) == tokens.numel()
-        assert {l: int(c) / tokens.numel() for l, c in counts.items()} == pytest.approx(want, abs=0)
+    for chunk in (7, 4096):  # uneven chunks of the tokens; one chunk
+        got = exit_scores(model, h_last, hidden, labels, chunk_tokens=chunk)
+        assert int(got.tokens) == tokens.numel() and int(got.valid) == tokens.numel() - 5
+        assert {l: int(c) / tokens.numel() for l, c in got.agree.items()} == pytest.approx(want, abs=0)
+        assert {l: float(v) for l, v in got.loss_sum.items()} == pytest.approx(want_loss, rel=1e-5)
     assert want[CFG.n_layers - 1] == 1.0
     assert any(0 < want[l] < 1 for l in range(CFG.n_layers - 1))  # the exits really differ
 
@@ -41,10 +52,63 @@ def test_validation_logs_agreement_of_every_exit():
     model = random_model(CFG)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, CFG.vocab_size, (2, 16), generator=gen),) * 2 for _ in range(3)]
-    vals = evaluate(model, batches, CFG.n_layers, per_layer=True, chunk_tokens=5, tp=1, dp_group=None)
+    vals = evaluate(model, batches, list(range(CFG.n_layers)), chunk_tokens=5, tp=1, dp_group=None)
     direct = [_direct(model, inputs) for inputs, _ in batches]
     for l in range(CFG.n_layers):
         assert vals[f"val/agree/layer_{l:02d}"] == pytest.approx(sum(d[l] for d in direct) / len(direct), abs=1e-12)
     assert vals[f"val/agree/layer_{CFG.n_layers - 1:02d}"] == 1.0
-    only_final = evaluate(model, batches, CFG.n_layers, per_layer=False, chunk_tokens=5, tp=1, dp_group=None)
+    only_final = evaluate(model, batches, [], chunk_tokens=5, tp=1, dp_group=None)
     assert not [k for k in only_final if k.startswith("val/agree/")]
+    assert only_final["val/loss/final"] == vals["val/loss/final"] == vals[f"val/loss/layer_{CFG.n_layers - 1:02d}"]
+    some = evaluate(model, batches, [0, 2], chunk_tokens=5, tp=1, dp_group=None)  # + the final layer
+    assert sorted(k for k in some if k.startswith("val/loss/layer_")) == [
+        "val/loss/layer_00", "val/loss/layer_02", "val/loss/layer_03"]
+    for k, v in some.items():
+        assert v == pytest.approx(vals[k], rel=1e-6), k
+
+
+def test_eval_exits_setting():
+    """eval.exits takes layerskip.exit.layers' form; the final layer is always validated."""
+    from tests._launch import compose_config
+    base = ["model=tiny", "model.n_layers=8"]
+    assert compose_config(base).eval.layer_list(8) == list(range(8))
+    assert compose_config([*base, "eval.exits=0::4"]).eval.layer_list(8) == [0, 4, 7]
+    assert compose_config([*base, "eval.exits=[1,-2]"]).eval.layer_list(8) == [1, 6, 7]
+    assert compose_config([*base, "eval.exits=[]"]).eval.layer_list(8) == [7]
+    assert compose_config([*base, "eval.exits=0::4", "eval.per_layer=false"]).eval.layer_list(8) == [7]
+    with pytest.raises(ConfigError, match=r"eval\.exits: layer 9 is out of range for 8 layers"):
+        compose_config([*base, "eval.exits=[9]"])
+    with pytest.raises(ConfigError, match=r"eval\.exits: 'a:b' is not a slice string"):
+        compose_config([*base, "eval.exits=a:b"])
+
+
+def _tp_worker(rank: int, world: int, state_dict: dict, batches: list) -> dict:
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import load_full_state_dict, parallelize
+    from train.config import ParallelConfig
+    from train.model import build_model, init_model
+    from train.validation import evaluate
+    pcfg = ParallelConfig(dp_shard=1, tp=2)
+    dims = ParallelDims.from_config(pcfg, world)
+    dims.build_mesh("cpu")
+    model = parallelize(build_model(CFG), dims, pcfg, param_dtype=torch.float32, reduce_dtype=torch.float32)
+    init_model(model, "cpu", 0)
+    load_full_state_dict(model, state_dict if rank == 0 else None)
+    return evaluate(model, batches, list(range(CFG.n_layers)), chunk_tokens=5, tp=2, dp_group=dims.dp_mesh.get_group())
+
+
+def test_validation_under_tensor_parallel_equals_one_process():
+    """The sharded path (vocabulary-sharded logits, gathered sequence) gives one process's losses
+    and agreements."""
+    from tests.parallel._mp import run_distributed
+    from train.validation import evaluate
+    model = random_model(CFG)
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, CFG.vocab_size, (2, 16), generator=gen),
+                torch.randint(0, CFG.vocab_size, (2, 16), generator=gen)) for _ in range(2)]
+    want = evaluate(model, batches, list(range(CFG.n_layers)), chunk_tokens=5, tp=1, dp_group=None)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for got in run_distributed(_tp_worker, 2, args=(sd, batches), timeout_s=120):
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

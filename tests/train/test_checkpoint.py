@@ -281,3 +281,29 @@ def test_export_run_writes_the_checkpoint_weights(tmp_path: Path) -> None:
         assert torch.equal(got[k].float(), v), k
     with pytest.raises(CheckpointError, match="step-0000003 does not exist"):
         export_run(run, tmp_path / "hf3", step=3)
+
+
+def _stale_listing_worker(rank: int, world: int, root: str) -> dict:
+    """Rank 1 lists the folder as a stale network-file-system view would: without the newest
+    checkpoint. Rank 0's choice must win on every rank."""
+    import train.checkpoint as checkpoint
+    if rank == 1:
+        listed = checkpoint.list_step_dirs
+        checkpoint.list_step_dirs = lambda folder: [s for s in listed(folder) if s[0] != 2]
+    model, opt = _fresh(seed=7)
+    ck = CheckpointManager(root, CheckpointConfig(keep=5), rank=rank, world=world, model_cfg=CFG)
+    extra = ck.load(model, opt)
+    return {"extra": extra, "folder": ck.folder.name, "state": _state(model, opt)}
+
+
+def test_ranks_resume_the_checkpoint_rank0_chose_whatever_their_own_listing(tmp_path: Path) -> None:
+    model, opt = _trained(1)
+    ck = _manager(tmp_path, keep=5)
+    ck.save(1, model, opt, {"step": 1})
+    _train_step(model, opt, 1)
+    ck.save(2, model, opt, {"step": 2})
+    out = run_distributed(_stale_listing_worker, 2, args=(str(tmp_path),), timeout_s=120)
+    assert [o["folder"] for o in out] == ["step-0000002", "step-0000002"]
+    assert [o["extra"] for o in out] == [{"step": 2}, {"step": 2}]
+    for o in out:
+        _assert_same(o["state"], _state(model, opt))

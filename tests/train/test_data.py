@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -183,21 +184,25 @@ def _windows(data, split: str) -> np.ndarray:
 def test_packing_and_split_against_a_reference(corpus, tokenizer, tmp_path):
     cfg = _cfg(corpus, tokenizer, tmp_path)
     data = build_data(cfg, vocab_size=512, seed=0)
-    # Reference: a .txt file is one document, BOS text EOS, whose lines are grouped into units by
-    # the 1 KiB block their first byte is in; a unit is held out iff the hash of (file, block) is
-    # below val_fraction; each split's units are concatenated in corpus order and cut into
-    # non-overlapping windows of seq_len + 1.
+    # Reference: a .txt file is one document, cut into units at 0 and at the first cut point ("a| b")
+    # at or after each multiple of 1 KiB; a unit is held out iff the hash of (file, its start //
+    # 1 KiB) is below val_fraction; each run of units of one split is stored BOS text EOS, and each
+    # split's runs are concatenated in corpus order and cut into non-overlapping windows of
+    # seq_len + 1. The units' ids together are the ids of the whole document.
     W = cfg.seq_len + 1
     streams = {"train": [], "val": []}
     for path in open_corpus(str(corpus)).files:
-        units, offset = {}, 0
-        for line in path.read_text().splitlines(keepends=True):
-            units.setdefault(offset // UNIT_BYTES, []).append(line)
-            offset += len(line.encode())
-        for n, (block, lines) in enumerate(units.items()):
-            ids = tokenizer.encode("".join(lines))
-            ids = [tokenizer.bos_id] * (n == 0) + ids + [tokenizer.eos_id] * (n == len(units) - 1)
-            streams["val" if is_held_out(path.name, block, cfg.val_fraction) else "train"] += ids
+        raw = path.read_bytes()
+        cuts = [m.start() for m in re.finditer(rb"(?<=[A-Za-z]) (?=[A-Za-z])", raw)]
+        starts = sorted({0} | {min((c for c in cuts if c >= k), default=len(raw))
+                               for k in range(UNIT_BYTES, len(raw), UNIT_BYTES)} - {len(raw)})
+        units = [raw[a:b].decode() for a, b in zip(starts, starts[1:] + [len(raw)])]
+        splits = ["val" if is_held_out(path.name, a // UNIT_BYTES, cfg.val_fraction) else "train" for a in starts]
+        assert len(units) > 1 and [i for u in units for i in tokenizer.encode(u)] == tokenizer.encode(raw.decode())
+        for n, (unit, split) in enumerate(zip(units, splits)):
+            ids = tokenizer.encode(unit)
+            first, last = n == 0 or splits[n - 1] != split, n == len(units) - 1 or splits[n + 1] != split
+            streams[split] += [tokenizer.bos_id] * first + ids + [tokenizer.eos_id] * last
     for split in ("train", "val"):
         ref = np.array(streams[split][:len(streams[split]) // W * W]).reshape(-1, W)
         assert np.array_equal(_windows(data, split), ref), split
@@ -251,6 +256,29 @@ def test_other_ranks_wait_for_the_main_rank(corpus, tokenizer, tmp_path):
         build_data(bad, vocab_size=512, seed=0)
     with pytest.raises(DataError, match="the main rank failed to prepare"):
         build_data(bad, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+
+
+def test_an_earlier_attempts_failure_does_not_stop_an_elastic_restart(corpus, tokenizer, tmp_path, monkeypatch):
+    """torchrun restarted the job (restart count 1) seconds after the main rank failed to prepare
+    (count 0): the other ranks wait for this attempt's main rank instead of failing at once on the
+    marker the earlier attempt left; a failure of this attempt still stops them at once."""
+    import threading
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    cfg = _cfg(corpus, tokenizer, tmp_path, prepare_wait_s=60)
+    failed = Path(f"{auto_prepared_dir(cfg, open_corpus(str(corpus)), tokenizer, 512)}.failed")
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    failed.write_text("TORCHELASTIC_RUN_ID=job7 TORCHELASTIC_RESTART_COUNT=0\nOSError: disk full")
+    with pytest.raises(DataError, match="the main rank failed to prepare .*disk full"):  # this attempt's
+        build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    main = threading.Timer(1.0, lambda: build_data(cfg, vocab_size=512, seed=0, dp_world=2))
+    main.start()  # the restarted main rank starts a second after the others
+    try:
+        data = build_data(cfg, vocab_size=512, seed=0, dp_rank=1, dp_world=2, is_main=False)
+    finally:
+        main.join()
+    assert data.num_train_sequences > 0 and not failed.exists()
 
 
 # --------------------------------------------------------------------------- global order and resume

@@ -1,25 +1,36 @@
-"""Preemption end to end, through the launch script users run (launch/single_node.sh -> torchrun,
-2 gloo ranks): a signal mid-run leaves a complete checkpoint of the step in progress and exit
-code 75, and the same command then resumes and reproduces the uninterrupted run's losses exactly
-(tests/_cluster.py holds the reference). Both ways a signal arrives: at torchrun (which forwards
-it) and at one worker only (the other ranks learn it in the step's sync, and torchrun, allowed
+"""Preemption end to end, as a cluster job meets it: `NPROC=2 bash launch/single_node.sh ...`
+(torchrun, 2 gloo ranks, 2 data-loader worker processes per rank as the paper recipes' data
+settings have it), no run_dir (the run directory follows from the command: outputs/quickstart-<hash>
+in the repository, where the script runs; removed before and after each test). A signal mid-run
+leaves a complete checkpoint of the step in progress and exit code 75, no process of the job
+behind, and the identical command then resumes and reproduces the uninterrupted run's losses
+exactly (tests/_cluster.py holds the reference). The signal as each sender delivers it: to every
+process of the job at once (slurmstepd on preemption, `scancel`, `scontrol requeue`), to torchrun
+only, and to one rank only (the other ranks learn it in the step's sync, and torchrun, allowed
 restarts, must not restart the preempted workers)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests._cluster import child_pids, complete_steps, env, overrides, read_losses, shared_reference, signal_after
+from tests._cluster import (child_pids, complete_steps, default_run_dir, env, overrides, read_losses,
+                            shared_reference, signal_after, signal_job, wait_gone)
 from tests._launch import ROOT, LaunchTimeout, start, wait_all
 
 pytestmark = pytest.mark.slow
 EXIT_PREEMPTED = 75
+# Validation long enough (every held-out batch, each exit) that a signal sent when its step is
+# logged lands inside it.
+VALIDATE_AT = 30
+LONG_VALIDATION = [f"eval.every={VALIDATE_AT}", "eval.batches=100000"]
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +38,54 @@ def reference(tmp_path_factory):
     return shared_reference(tmp_path_factory)
 
 
-def _single_node(run_dir: Path, corpus: Path, max_restarts: int) -> list:
-    cmd = ["bash", str(ROOT / "launch" / "single_node.sh"), *overrides(corpus, run_dir)]
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # this venv's torchrun
-    return cmd, env(NPROC="2", MAX_RESTARTS=str(max_restarts), PATH=path)
+@pytest.fixture
+def run_dirs():
+    """run_dir(*extra): the run directory of the launch with these extra overrides, removed now
+    (an identical command of an earlier test must not be resumed) and after the test."""
+    made = []
+
+    def run_dir(corpus: Path, *extra: str) -> Path:
+        path = default_run_dir(ROOT, overrides(corpus) + list(extra))
+        shutil.rmtree(path, ignore_errors=True)
+        made.append(path)
+        return path
+
+    yield run_dir
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def _preempt(run_dir: Path, corpus: Path, max_restarts: int, pick, sig: signal.Signals):
-    """Start the launch script, send `sig` to the process `pick(script pid)` names once a few
-    steps are logged; returns (finished launch, last step logged before the signal)."""
-    cmd, e = _single_node(run_dir, corpus, max_restarts)
-    launch = start(cmd, cwd=corpus, env=e)
+def _single_node(corpus: Path, *extra: str, max_restarts: int | None = None) -> tuple[list, dict]:
+    """`NPROC=2 bash launch/single_node.sh OVERRIDES` as the README shows it (this venv's torchrun)."""
+    cmd = ["bash", str(ROOT / "launch" / "single_node.sh"), *overrides(corpus), *extra]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    more = {"MAX_RESTARTS": str(max_restarts)} if max_restarts is not None else {}
+    return cmd, env(NPROC="2", PATH=path, **more)
+
+
+def _preempt(run_dir: Path, corpus: Path, send, *extra: str, at_step: int = 3,
+             max_restarts: int | None = None):
+    """Start the launch script; once step `at_step` is logged in `run_dir` call `send(script
+    pid)`, which returns the pids it signalled. Returns (finished launch, last step logged before
+    the signal, those pids still running 10 s after the script ended)."""
+    cmd, e = _single_node(corpus, *extra, max_restarts=max_restarts)
+    launch = start(cmd, cwd=ROOT, env=e)
+    signalled: list[int] = []
     try:
-        seen = signal_after(launch.proc, run_dir, 3, lambda: os.kill(pick(launch.proc.pid), sig))
+        seen = signal_after(launch.proc, run_dir, at_step, lambda: signalled.extend(send(launch.proc.pid)))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            launch.proc.wait(timeout=90)
+        left = wait_gone(signalled, timeout_s=10)  # before wait_all kills what is left of the session
     except BaseException:
         with contextlib.suppress(LaunchTimeout):
             wait_all([launch], timeout_s=0.1)  # kills the whole launch
         raise
-    (done,) = wait_all([launch], timeout_s=90)
-    return done, seen
+    (done,) = wait_all([launch], timeout_s=1)
+    return done, seen, left
+
+
+def _every_process(script_pid: int) -> list[int]:
+    return signal_job(script_pid, signal.SIGTERM)
 
 
 def _torchrun_of(script_pid: int) -> int:
@@ -53,31 +93,68 @@ def _torchrun_of(script_pid: int) -> int:
     return agent
 
 
-def _one_worker_of(script_pid: int) -> int:
-    return child_pids(_torchrun_of(script_pid))[-1]
-
-
-def test_sigterm_to_torchrun_saves_the_step_in_progress_and_resumes_exactly(reference, tmp_path):
-    corpus, want = reference
-    run_dir = tmp_path / "run"
-    done, seen = _preempt(run_dir, corpus, max_restarts=1, pick=_torchrun_of, sig=signal.SIGTERM)
-    assert done.returncode == EXIT_PREEMPTED, done.output[-4000:]
-    (saved,) = complete_steps(run_dir)  # interval 0: the signal's checkpoint is the only one
-    logged = max(read_losses(run_dir))
-    assert seen < saved == logged, (seen, saved, logged)  # the step in progress, completed
-    assert "preempted (SIGTERM)" in done.output
-
-    cmd, e = _single_node(run_dir, corpus, max_restarts=1)  # the same command again
-    (again,) = wait_all([start(cmd, cwd=corpus, env=e)], timeout_s=120)
+def _resume(corpus: Path, *extra: str) -> str:
+    """The same command again: it must resume and finish."""
+    cmd, e = _single_node(corpus, *extra)
+    (again,) = wait_all([start(cmd, cwd=ROOT, env=e)], timeout_s=150)
     assert again.returncode == 0, again.output[-4000:]
-    assert f"resumed from step {saved}" in again.output
+    return again.output
+
+
+def test_sigterm_to_every_process_mid_step_saves_and_the_same_command_resumes(reference, run_dirs):
+    corpus, want = reference
+    run_dir = run_dirs(corpus)
+    done, seen, left = _preempt(run_dir, corpus, _every_process)
+    assert done.returncode == EXIT_PREEMPTED, done.output[-4000:]
+    assert "is killed by signal" not in done.output, done.output[-4000:]  # loader workers survived
+    (saved,) = complete_steps(run_dir)  # interval 0: the signal's checkpoint is the only one
+    assert seen < saved == max(read_losses(run_dir)), (seen, saved)  # the step in progress, completed
+    assert "preempted (SIGTERM)" in done.output
+    assert not left, f"processes of the job still running after it ended: {left}"
+
+    output = _resume(corpus)
+    assert f"resumed from step {saved}" in output
     assert read_losses(run_dir) == want
 
 
-def test_signal_to_one_worker_stops_every_rank_without_a_restart(reference, tmp_path):
+def test_sigterm_to_every_process_during_validation_saves_that_step(reference, run_dirs):
+    """Validation is interrupted between two batches: the checkpoint is of the validated step (no
+    extra training step first), and the run it resumes is still exact."""
     corpus, want = reference
-    run_dir = tmp_path / "run"
-    done, seen = _preempt(run_dir, corpus, max_restarts=2, pick=_one_worker_of, sig=signal.SIGUSR1)
+    run_dir = run_dirs(corpus, *LONG_VALIDATION)
+    done, seen, left = _preempt(run_dir, corpus, _every_process, *LONG_VALIDATION, at_step=VALIDATE_AT)
+    assert done.returncode == EXIT_PREEMPTED, done.output[-4000:]
+    assert seen == VALIDATE_AT and complete_steps(run_dir) == [VALIDATE_AT], done.output[-4000:]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["step"] == VALIDATE_AT and "val/loss" in r]  # interrupted
+    assert max(read_losses(run_dir)) == VALIDATE_AT
+    assert not left, f"processes of the job still running after it ended: {left}"
+
+    output = _resume(corpus, *LONG_VALIDATION)
+    assert f"resumed from step {VALIDATE_AT}" in output
+    assert read_losses(run_dir) == want
+
+
+def test_sigterm_to_torchrun_only_saves_the_step_in_progress(reference, run_dirs):
+    corpus, want = reference
+    run_dir = run_dirs(corpus)
+    done, seen, left = _preempt(run_dir, corpus, lambda pid: os.kill(_torchrun_of(pid), signal.SIGTERM) or [])
+    assert done.returncode == EXIT_PREEMPTED, done.output[-4000:]
+    (saved,) = complete_steps(run_dir)
+    losses = read_losses(run_dir)
+    assert seen < saved == max(losses)
+    assert {s: losses[s] for s in range(1, saved + 1)} == {s: want[s] for s in range(1, saved + 1)}
+
+
+def test_signal_to_one_worker_stops_every_rank_without_a_restart(reference, run_dirs):
+    corpus, want = reference
+    run_dir = run_dirs(corpus)
+
+    def one_rank(script_pid: int) -> list[int]:
+        os.kill(child_pids(_torchrun_of(script_pid))[-1], signal.SIGUSR1)
+        return []
+
+    done, seen, _ = _preempt(run_dir, corpus, one_rank, max_restarts=2)
     assert done.returncode == EXIT_PREEMPTED, done.output[-4000:]
     (saved,) = complete_steps(run_dir)
     losses = read_losses(run_dir)

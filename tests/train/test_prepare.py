@@ -74,8 +74,8 @@ def _killed_prepare(corpus: Path, tok: Path, out: Path) -> None:
     """A prepare that dies by SIGKILL while writing its third shard (nothing gets to clean up)."""
     real = prep.read_units
 
-    def dying(corpus_, piece, val_fraction):
-        for n, unit in enumerate(real(corpus_, piece, val_fraction)):
+    def dying(corpus_, piece, val_fraction, **kw):
+        for n, unit in enumerate(real(corpus_, piece, val_fraction, **kw)):
             if corpus_.files[piece.file].name == "big.txt" and piece.start >= 2 * SHARD and n == 5:
                 os.kill(os.getpid(), signal.SIGKILL)
             yield unit
@@ -129,8 +129,9 @@ def test_prepare_is_byte_identical_whatever_workers_tasks_or_interruption(corpus
 
 
 def test_prepared_tokens_match_the_documents(corpus, tokenizer_path, tmp_path):
-    """Every record of every format is one BOS..EOS unit; the text file's units, in either split,
-    are its lines; the manifest counts what the shards hold."""
+    """Every record of every format is one BOS..EOS unit; the text files are stored as BOS..EOS
+    stretches of their text (a whole file, or the runs of units between held-out ones); the
+    manifest counts what the shards hold."""
     _prepare(corpus, tokenizer_path, tmp_path / "p")
     data = build_data(DataConfig(source=str(tmp_path / "p"), seq_len=16, batch_size=2), vocab_size=300, seed=0)
     tok = load_tokenizer(tokenizer_path)
@@ -145,13 +146,22 @@ def test_prepared_tokens_match_the_documents(corpus, tokenizer_path, tmp_path):
                                + stream.starts[k] for k, r in enumerate(r for r in m["shards"] if r[split]["tokens"])])
         assert ends[-1] == stream.num_tokens == m[split]["tokens"] and len(ends) == m[split]["units"]
         units[split] = [tokens[a:b].tolist() for a, b in zip([0, *ends[:-1]], ends)]
-    all_units = units["train"] + units["val"]
+    docs = []  # stored documents: each split's units up to the next EOS (BOS ... EOS each)
+    for split in units:
+        doc = []
+        for u in units[split]:
+            doc += u
+            if u[-1] == tok.eos_id:
+                assert doc[0] == tok.bos_id and tok.bos_id not in doc[1:] and tok.eos_id not in doc[:-1]
+                docs.append(tok.decode(doc[1:-1]))
+                doc = []
+        assert not doc
     records = [json.loads(l)["text"] for l in (corpus / "a.jsonl").read_text().splitlines()]
-    decoded = {tok.decode(u[1:-1]) for u in all_units if u[0] == tok.bos_id and u[-1] == tok.eos_id}
-    assert set(records) <= decoded
-    text = "\n".join(tok.decode([t for t in u if t not in (tok.bos_id, tok.eos_id)]) for u in all_units)
-    big = (corpus / "big.txt").read_text().splitlines()
-    assert sorted(l for l in text.splitlines() if l in set(big)) == sorted(big)
+    assert set(records) <= set(docs)
+    texts = [p.read_text() for p in (corpus / "big.txt", corpus / "small" / "s0.txt", corpus / "small" / "s1.txt")]
+    parts = [d for d in docs if "\n" in d or not d.endswith(tuple("0123456789"))]  # not a one-line record
+    assert all(any(p in t for t in texts) for p in parts)  # contiguous stretches of the text files
+    assert sum(map(len, parts)) == sum(map(len, texts))  # that add up to them
     assert 0.05 < m["val"]["units"] / (m["train"]["units"] + m["val"]["units"]) < 0.2  # val_fraction 0.1
 
 
@@ -312,17 +322,27 @@ def test_task_slot_defaults_from_slurm_array_then_torchrun(monkeypatch):
 
 
 def test_text_read_in_chunks_gives_the_same_units(corpus, monkeypatch):
-    """Plain text is read a few MiB at a time; chunk edges must not change a unit."""
+    """Plain text is read a few MiB at a time; neither chunk edges nor range edges change a unit,
+    and BOS/EOS mark exactly the starts and ends of runs of one split."""
     from train.data import shards
     raw = open_corpus(str(corpus))
     big = raw.files.index(corpus / "big.txt")
-    pieces = [shards.Piece(big, 0, 70_000, False), shards.Piece(big, 70_000, (corpus / "big.txt").stat().st_size, True)]
-    whole = [u for p in pieces for u in shards.read_units(raw, p, 0.3)]
+    size = (corpus / "big.txt").stat().st_size
+
+    def units(*cuts: int) -> list:
+        edges = [0, *cuts, size]
+        pieces = [shards.Piece(big, a, b, b == size, size) for a, b in zip(edges, edges[1:])]
+        return [u for p in pieces for u in shards.read_units(raw, p, 0.3, can_cut=True)]
+
+    whole = units()
     for chunk in (1000, 4099, 65_536):
         monkeypatch.setattr(shards, "_CHUNK_BYTES", chunk)
-        assert [u for p in pieces for u in shards.read_units(raw, p, 0.3)] == whole, chunk
+        assert units(70_000) == units(65_536, 131_072) == whole, chunk
     assert "".join(u.text for u in whole) == (corpus / "big.txt").read_text()
-    assert whole[0].bos and whole[-1].eos and sum(u.bos or u.eos for u in whole) == 2
+    assert len({u.val for u in whole}) == 2 and all(u.continues == (k > 0) for k, u in enumerate(whole))
+    for k, u in enumerate(whole):
+        assert u.bos == (k == 0 or whole[k - 1].val != u.val)
+        assert u.eos == (k == len(whole) - 1 or whole[k + 1].val != u.val)
 
 
 def test_a_mixture_source_too_small_to_validate_is_named(mixture):

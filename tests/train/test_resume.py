@@ -210,3 +210,59 @@ def test_resume_on_another_layout(corpus, fsdp_straight: Path, tmp_path: Path) -
     assert sorted(got) == sorted(want)
     for step in range(21, KILL_STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+
+# ---------------------------------------------------------------------- the run a command names
+
+def test_run_directory_follows_from_the_settings_that_define_the_run(monkeypatch) -> None:
+    """Only what is trained names the run: the layout (with the same global batch), checkpointing,
+    logging, validation, data fetching and the launcher's ids do not."""
+    from tests._launch import compose_config
+    from train.run_identity import default_run_dir
+    from train.trainer import resolve_run_dir
+    base = [*TINY, "data.source=/corpus/c.txt", "train.steps=8", "data.batch_size=4"]
+    name = default_run_dir(compose_config(base), 1)
+    assert name.parent.name == "outputs" and name.name.startswith("quickstart-")
+    for same in (["checkpoint.resume=none"], ["checkpoint.interval=5", "checkpoint.keep=1"],
+                 ["data.num_workers=3"], ["logging.every=7"], ["eval.every=3"], ["run_dir=/x"],
+                 ["data.cache_dir=/elsewhere"], ["preempt.signals=[SIGUSR2]"]):
+        assert default_run_dir(compose_config(base + same), 1) == name, same
+    assert default_run_dir(compose_config(base + ["data.batch_size=2"]), 2) == name  # 2 ranks x 2
+    for other in (["model.dim=32"], ["train.steps=9"], ["optim.lr=0.001"], ["train.seed=1"],
+                  ["layerskip.dropout.p_max=0.3"], ["data.source=/corpus/d.txt"], ["data.batch_size=8"]):
+        assert default_run_dir(compose_config(base + other), 1) != name, other
+    for var, value in (("TORCHELASTIC_RUN_ID", "a1b2"), ("SLURM_JOB_ID", "77")):
+        monkeypatch.setenv(var, value)
+        assert resolve_run_dir(compose_config(base), 1) == name
+
+
+def test_python_m_train_resumes_by_the_same_command_and_refuses_another(corpus, tmp_path: Path) -> None:
+    """Plain `python -m train` (no run_dir), SIGTERM mid-run: exit 75 and a checkpoint; the same
+    command resumes it; another command pointed at its folder is refused, naming what differs."""
+    from tests._cluster import signal_after
+    from tests._launch import start, wait_all
+    base = [*TINY, f"data.source={corpus['text']}", f"data.cache_dir={corpus['cache']}",
+            "train.steps=150", "checkpoint.interval=0"]
+    launch = start([sys.executable, "-m", "train", *base], cwd=tmp_path, env=_env())
+    try:
+        run_dir = None
+        deadline = time.monotonic() + 60
+        while run_dir is None:  # the one folder the command made under outputs/
+            made = list((tmp_path / "outputs").glob("quickstart-*"))
+            run_dir = made[0] if made else None
+            assert time.monotonic() < deadline and launch.proc.poll() is None, "no run directory"
+            time.sleep(0.05)
+        signal_after(launch.proc, run_dir, 3, lambda: launch.proc.send_signal(signal.SIGTERM))
+    finally:
+        (done,) = wait_all([launch], timeout_s=60)
+    assert done.returncode == 75, done.output[-4000:]
+    (saved,) = _complete_steps(run_dir)
+
+    again = _train(tmp_path, base, timeout_s=120)
+    assert f"resumed from step {saved}" in again and sorted(_losses(run_dir)) == list(range(1, 151))
+
+    other = subprocess.run([sys.executable, "-m", "train", *base, "optim.lr=0.001", f"run_dir={run_dir}"],
+                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2, other.stderr[-4000:]
+    assert "optim.lr: run 0.003, this command 0.001" in other.stderr
+    assert "checkpoint.resume=none" in other.stderr and "run_dir=" in other.stderr

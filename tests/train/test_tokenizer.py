@@ -38,12 +38,13 @@ def test_tokenizer_json_encodes_like_autotokenizer(hf_tok):
     tok = load_tokenizer(hf_tok)  # the folder stands for its tokenizer.json
     assert tok.path == hf_tok / "tokenizer.json"
     assert load_tokenizer(hf_tok / "tokenizer.json").digest == tok.digest
-    ref = transformers.AutoTokenizer.from_pretrained(str(hf_tok), local_files_only=True)
+    # special-token strings in the text are text (as Meta's and torchtune's data preparation)
+    ref = transformers.AutoTokenizer.from_pretrained(str(hf_tok), local_files_only=True, split_special_tokens=True)
     assert (tok.bos_id, tok.eos_id) == (ref.bos_token_id, ref.eos_token_id) == (400, 401)
     assert tok.vocab_size == 402
     ids = tok.encode(SAMPLE)  # no BOS added (Llama 3's post-processor would add one)
     assert ids == ref.encode(SAMPLE, add_special_tokens=False)
-    assert ids[0] != tok.bos_id and tok.bos_id in ids  # a literal special token in the text
+    assert BOS in SAMPLE and tok.bos_id not in ids  # the literal special token stayed text
     assert tok.decode(ids) == SAMPLE
     parts = SAMPLE.split("\n")
     assert tok.encode_batch(parts) == tok.encode_batch(parts, num_threads=1) == [tok.encode(p) for p in parts]
@@ -81,6 +82,21 @@ def test_copy_tokenizer_makes_the_folder_open_that_tokenizer(hf_tok, sp_file, tm
     assert sorted(p.name for p in written) == ["tokenizer.json", "tokenizer_config.json"]
     assert not (run_dir / "tokenizer.model").exists()
     assert load_tokenizer(run_dir).digest == load_tokenizer(hf_tok).digest
+
+
+def test_a_concurrent_reader_never_sees_tokenizer_json_without_its_config(hf_tok, tmp_path, monkeypatch):
+    """Several prepare tasks install the tokenizer into one folder at once: whenever tokenizer.json
+    is there, the config naming its BOS/EOS is too (it is renamed into place last)."""
+    from train.data import tokenizer as tk
+    real, seen = tk.write_atomic, []
+
+    def write_and_look(path, data):
+        real(path, data)
+        if (path.parent / "tokenizer.json").is_file():  # what another task would open now
+            seen.append(load_tokenizer(path.parent).digest)
+    monkeypatch.setattr(tk, "write_atomic", write_and_look)
+    copy_tokenizer(load_tokenizer(hf_tok), tmp_path / "out")
+    assert seen == [load_tokenizer(hf_tok).digest]
 
 
 def test_resolve_tokenizer_order_and_an_import_without_one_stops(hf_tok, sp_file, tmp_path):

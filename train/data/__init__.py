@@ -1,6 +1,6 @@
 """The data pipeline: raw text -> prepared token shards (train/data/prepare.py, offline and in
 parallel) -> memory-mapped windows in one global, resumable, layout-independent order (build.py,
-dataset.py, mixture.py, loader.py).
+dataset.py, mixture.py, loader.py; the validation sample: heldout.py).
 
 The names below are imported on first use (PEP 562): `python -m train.data.prepare` and its worker
 processes import this package but need neither torch nor the loader, and so start fast and small.

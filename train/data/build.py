@@ -32,7 +32,8 @@ import torch
 
 from train.config import DataConfig, PrepareConfig
 from train.data.dataset import PreparedDataset
-from train.data.loader import Batch, TrainLoader, ValSplit
+from train.data.heldout import HeldOutSample
+from train.data.loader import Batch, TrainLoader
 from train.data.prepare import (FORMAT_VERSION, cache_key, is_prepared, prepare_command,
                                 prepare_dataset, tokenizer_cache_path)
 from train.data.shards import plan_shards
@@ -54,12 +55,13 @@ class Data:
     num_train_sequences: int
     num_val_sequences: int
     seq_len: int
-    _val: ValSplit
-    _source_val: list[ValSplit]
+    _val: HeldOutSample
+    _source_val: list[HeldOutSample]
 
     def val_batches(self, n: int) -> list[Batch]:
-        """Up to n (inputs, labels) batches of this rank's validation shard (a mixture: blended by
-        weight); the same list on every call, and the same number of batches on every rank."""
+        """Up to n (inputs, labels) batches of this rank's rows of the validation sample (spread over
+        the whole held-out set; a mixture: blended by weight; train/data/heldout.py); the same list
+        on every call, and the same number of batches on every rank."""
         return self._val.batches(n)
 
     def source_val_batches(self, n: int) -> dict[str, list[Batch]]:
@@ -127,7 +129,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
         starved = names[int(train.order.per_period.argmin())]
         raise DataError(f"data.mixture: weights {list(weights)} give source {starved} no sample in "
                         f"{len(train.order.table)}; raise its weight")
-    val = ValSplit(val_streams, seq_len=cfg.seq_len, weights=list(weights), batch_size=cfg.batch_size,
+    val = HeldOutSample(val_streams, seq_len=cfg.seq_len, weights=list(weights), batch_size=cfg.batch_size,
                    dp_rank=dp_rank, dp_world=dp_world)
     n_train = train.num_sequences
     n_val = sum(s.num_windows(W) for s in val_streams)
@@ -140,7 +142,7 @@ def build_data(cfg: DataConfig, *, vocab_size: int, seed: int, dp_rank: int = 0,
                         f"(data.max_chars), a shorter data.seq_len or a smaller data.batch_size")
     source_val = []
     if len(sources) > 1:
-        source_val = [ValSplit([s], seq_len=cfg.seq_len, weights=[1.0], batch_size=cfg.batch_size,
+        source_val = [HeldOutSample([s], seq_len=cfg.seq_len, weights=[1.0], batch_size=cfg.batch_size,
                                dp_rank=dp_rank, dp_world=dp_world) for s in val_streams]
         for src, v in zip(sources, source_val):
             if v.num_batches(1) < 1:
@@ -200,22 +202,24 @@ def _auto_prepared(cfg: DataConfig, vocab_size: int, given: Tokenizer | None, is
                                        threads=len(os.sched_getaffinity(0)))
                 log.info("prepared %s tokens in %.1f s", f"{done.tokens:,}", done.seconds)
             except BaseException as e:  # tell the waiting ranks at once
-                failed.write_text(f"{type(e).__name__}: {e}")
+                failed.write_text(f"{_attempt()}\n{type(e).__name__}: {e}")
                 raise
             finally:
                 started.unlink(missing_ok=True)
         return folder
     t0 = time.time()
     while not is_prepared(folder):
-        if failed.is_file() and failed.stat().st_mtime >= t0 - 60:
+        failure = _failure(failed, t0)
+        if failure is not None:
             raise DataError(f"the main rank failed to prepare data.source={cfg.source} into {folder}: "
-                            f"{failed.read_text()}")
+                            f"{failure}")
         waited = time.time() - t0
         if waited > min(cfg.prepare_wait_s, _SHOW_UP_S) and not started.is_file():
+            earlier = f" (an earlier attempt failed: {_read_failure(failed)[1]})" if failed.is_file() else ""
             raise DataError(f"after {waited:.0f} s the main rank has neither prepared nor started to "
                             f"prepare data.source={cfg.source} in {folder} as this rank sees it: "
                             f"data.cache_dir must be one folder shared by all ranks (on several "
-                            f"nodes: a shared file system)")
+                            f"nodes: a shared file system){earlier}")
         if waited > cfg.prepare_wait_s:
             raise DataError(f"waited {cfg.prepare_wait_s:.0f} s (data.prepare_wait_s) for the main rank to "
                             f"prepare data.source={cfg.source} into {folder}; data.cache_dir must be shared "
@@ -223,6 +227,35 @@ def _auto_prepared(cfg: DataConfig, vocab_size: int, given: Tokenizer | None, is
                             f"{prepare_command(cfg.source, cfg, vocab_size)}")
         time.sleep(_POLL_S)
     return folder
+
+
+def _attempt() -> str:
+    """This launch of the job as all its ranks see it: the launcher's run id and restart count
+    (torchrun's elastic agent, Slurm), or "" where no launcher says."""
+    keys = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_RESTART_COUNT")
+    return " ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ)
+
+
+def _read_failure(path: Path) -> tuple[str, str]:
+    """(the attempt that wrote a .failed marker, its error)."""
+    attempt, _, error = path.read_text().partition("\n")
+    return attempt, error
+
+
+def _failure(failed: Path, t0: float) -> str | None:
+    """The main rank's error if its .failed marker is this attempt's: written by this launch (the
+    same launcher attempt id). A marker an earlier attempt left (an elastic restart) is not: the
+    main rank removes it and prepares again. Without a launcher's attempt id, a marker younger than
+    60 s counts (the hosts' clocks may differ by a little)."""
+    try:
+        attempt, error = _read_failure(failed)
+        mtime = failed.stat().st_mtime
+    except FileNotFoundError:  # none, or removed by the main rank just now
+        return None
+    mine = _attempt()
+    if mine:
+        return error if attempt == mine else None
+    return error if mtime >= t0 - 60 else None
 
 
 def auto_prepared_dir(cfg: DataConfig, corpus: Corpus, given: Tokenizer | None, vocab_size: int) -> Path:

@@ -13,6 +13,7 @@ from the same position. Resuming on changed data is refused, naming the folder t
 
 Fetching runs in torchdata's StatefulDataLoader (worker processes when num_workers > 0); this
 module keeps the position itself, because the loader's own state is per rank and per worker count.
+Its workers ignore the job's preemption signals and die with their rank (train/process_lifetime.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from train.data.dataset import TokenStream
-from train.data.mixture import MixtureOrder, slot_table
+from train.data.mixture import MixtureOrder
+from train.process_lifetime import loader_worker_init
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), LongTensor [batch_size, seq_len] each
 
@@ -141,7 +143,9 @@ class TrainLoader:
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             loader = StatefulDataLoader(
                 self.dataset, batch_sampler=sampler, collate_fn=to_batch,
-                num_workers=self.num_workers, pin_memory=self.pin_memory)
+                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                # workers ignore the job's signals (the trainer saves) and die with their rank
+                worker_init_fn=loader_worker_init if self.num_workers > 0 else None)
         return iter(loader)
 
     def __iter__(self) -> TrainLoader:
@@ -181,42 +185,3 @@ class TrainLoader:
         self.position = int(state["position"])
         self._batches = None  # restart fetching (and workers) from the restored position
 
-
-class ValSplit:
-    """Held-out windows in one fixed order, sharded like the train stream. A mixture blends its
-    sources' held-out windows with the train weights (the same slot table, no shuffling)."""
-
-    def __init__(self, streams: list[TokenStream], *, seq_len: int, weights: list[float],
-                 batch_size: int, dp_rank: int, dp_world: int) -> None:
-        self.dataset = SourceWindows(streams, seq_len + 1)
-        self.num_windows = [s.num_windows(seq_len + 1) for s in streams]
-        self.table = slot_table(weights)
-        self.batch_size = batch_size
-        self.offset = dp_rank * batch_size
-        self.global_batch_size = batch_size * dp_world
-
-    def keys(self, limit: int) -> list[tuple[int, int]]:
-        """The first `limit` (source, window) slots of the blended held-out order, fewer when a
-        source runs out (its windows are never repeated)."""
-        keys, taken = [], [0] * len(self.num_windows)
-        for s in range(limit):
-            i = int(self.table[s % len(self.table)])
-            if taken[i] == self.num_windows[i]:
-                break
-            keys.append((i, taken[i]))
-            taken[i] += 1
-        return keys
-
-    def num_batches(self, n: int) -> int:
-        """How many of the first n global validation batches exist."""
-        return len(self.keys(n * self.global_batch_size)) // self.global_batch_size
-
-    def batches(self, n: int) -> list[Batch]:
-        """This rank's rows of the first min(n, available) global validation batches. Every rank
-        gets the same number of batches, so per-batch collectives line up."""
-        keys = self.keys(n * self.global_batch_size)
-        out = []
-        for k in range(len(keys) // self.global_batch_size):
-            first = k * self.global_batch_size + self.offset
-            out.append(to_batch(self.dataset.__getitems__(keys[first:first + self.batch_size])))
-        return out

@@ -48,13 +48,14 @@ from pathlib import Path
 
 import numpy as np
 
-from train.data.shards import Piece, plan_shards, read_units
+from train.data.shards import Piece, is_text, plan_shards, read_units
 from train.data.sources import Corpus, DataError
 from train.data.tokenizer import copy_tokenizer, find_tokenizer_file, load_tokenizer, write_atomic
+from train.process_lifetime import pool_worker_init
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the layout or the meaning of a prepared folder changes
+FORMAT_VERSION = 3  # bump when the layout or the meaning of a prepared folder changes
 MANIFEST = "manifest.json"
 _ENCODE_CHARS = 1_000_000  # characters handed to the tokenizer per call (bounds memory)
 SPLITS = ("train", "val")
@@ -125,7 +126,14 @@ def write_shard(job: ShardJob, report: Callable[[tuple[int, int, int]], None] | 
 
     def flush() -> None:
         nonlocal reported
-        encoded = tok.encode_batch([u.text for u in batch], num_threads=job.threads)
+        # a document's first unit as it is; a unit continuing it from a cut point by the tokenizer's
+        # continuation encoding (no dummy prefix): together, the ids of the whole document
+        encoded: list = [None] * len(batch)
+        for continues, encode in ((False, tok.encode_batch), (True, tok.encode_continuations)):
+            ks = [k for k, u in enumerate(batch) if u.continues == continues]
+            if ks:
+                for k, ids in zip(ks, encode([batch[k].text for k in ks], num_threads=job.threads)):
+                    encoded[k] = ids
         rows = {s: array.array(typecode) for s in SPLITS}  # extended in C, written as one buffer
         for unit, ids in zip(batch, encoded):
             split = "val" if unit.val else "train"
@@ -150,7 +158,7 @@ def write_shard(job: ShardJob, report: Callable[[tuple[int, int, int]], None] | 
 
     try:
         for piece in job.pieces:
-            for unit in read_units(job.corpus, piece, job.val_fraction):
+            for unit in read_units(job.corpus, piece, job.val_fraction, can_cut=tok.can_cut):
                 batch.append(unit)
                 batch_chars += len(unit.text)
                 if batch_chars >= _ENCODE_CHARS:
@@ -196,7 +204,10 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
     tok = load_tokenizer(tokenizer_path)
     local_tok = _install_tokenizer(tok, out)
     sizes = [f.stat().st_size for f in corpus.files]
-    shards = plan_shards(corpus, sizes, shard_bytes, max_chars)
+    shards = plan_shards(corpus, sizes, shard_bytes, max_chars, tok.can_cut)
+    if not tok.can_cut and any(s > shard_bytes and is_text(f) for f, s in zip(corpus.files, sizes)):
+        log.warning("tokenizer %s cannot encode a document in parts (see train/data/tokenizer.py): "
+                    "every plain-text file is encoded whole, by one worker", tokenizer_path)
     if not shards:
         raise DataError(f"data.source={corpus.name}: nothing to prepare (data.max_chars={max_chars})")
     planned = sum(p.end - p.start for shard in shards for p in shard)
@@ -222,8 +233,8 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
         else:  # spawn: workers start clean (no inherited threads); they import no torch
             ctx = get_context("spawn")
             queue = ctx.Queue() if bar else None
-            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
-                                       initializer=_set_progress_queue, initargs=(queue,))
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,  # workers die with us
+                                       initializer=pool_worker_init, initargs=(_set_progress_queue, queue))
             pending = {pool.submit(write_shard, j) for j in jobs}
             while pending:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)

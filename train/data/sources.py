@@ -125,7 +125,7 @@ def _read_file(path: Path, field: str, left: int, *, lenient: bool) -> Iterator[
         yield from _read_parquet(path, field)
     else:  # .txt, or a stdlib .py file: the whole file is one document
         try:
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8", newline="") as fh:  # CRLF kept: the text as prepared
                 # Read no more than the cap needs: a huge file must not be loaded for a small cap.
                 yield fh.read(left) if left >= 0 else fh.read()
         except UnicodeDecodeError as e:

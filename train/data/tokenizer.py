@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as spm_model
 
 from train.config import ConfigError, DataConfig, ModelConfig
 from train.data.sources import DataError
@@ -45,8 +46,17 @@ _PIECE_CHARS = 16_384
 class Tokenizer(abc.ABC):
     """What the data pipeline, training, export and decoding use of a tokenizer, whichever backend:
     `path` (the file opened), `files` (every file that defines it), `digest`, `vocab_size`,
-    `bos_id`, `eos_id`, `encode` (adds no BOS/EOS: packing adds them around each document),
-    `encode_batch`, `decode`, `check_fits`. Open one with `load_tokenizer`."""
+    `bos_id`, `eos_id`, `encode` (adds no BOS/EOS: packing adds them around each document; text
+    is always text: a special token's string in it is not that token), `encode_batch`, `decode`,
+    `check_fits`, and for prepare's cutting of large documents `can_cut` and
+    `encode_continuations`. Open one with `load_tokenizer`.
+
+    Cutting (train/data/shards.py): a large document may be encoded in parts only at a *cut point*,
+    a space between two ASCII letters ("a| b"), and only by a tokenizer whose `can_cut` says that
+    encoding a document's text before such a point (`encode`) and from it (`encode_continuations`)
+    gives exactly the ids of encoding the document whole. `can_cut` holds only for tokenizer
+    kinds where this follows from how they encode (see each backend); any other tokenizer encodes
+    every document whole."""
 
     path: Path
     vocab_size: int
@@ -72,6 +82,15 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    can_cut: bool = False
+
+    def encode_continuations(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encode texts that continue a document from a cut point (each starts with the space of
+        "a| b"); only for a tokenizer that `can_cut`."""
+        if not self.can_cut:
+            raise ValueError(f"{self!r} cannot encode a document in parts")
+        return self.encode_batch(texts, num_threads)
+
     def check_fits(self, model_vocab_size: int) -> None:
         """Every token id must index the model's embedding."""
         if self.vocab_size > model_vocab_size:
@@ -85,7 +104,17 @@ class Tokenizer(abc.ABC):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece model."""
+    """A sentencepiece model.
+
+    Cutting: a BPE model splits its normalised text into words, each starting at a "▁" (a space),
+    and encodes every word on its own (sentencepiece's SplitIntoWords; with whitespace-only pieces
+    allowed, a run of spaces joins the word after it, still starting at the run's first space).
+    The space of "a| b" therefore always starts a word, so the ids of a document are those of the
+    text before the cut followed by those of the text from it, provided normalisation is local
+    (the identity rule: no character map, extra whitespace kept, as in Llama 2's model), no
+    user-defined symbol can straddle the cut, and the continuation gets no dummy prefix: it is
+    encoded by a copy of the model with add_dummy_prefix off (Llama 2's has it on, so encoding a
+    continuation as it is would add a "▁" to it)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -99,6 +128,18 @@ class SentencePieceTokenizer(Tokenizer):
         if self.bos_id < 0 or self.eos_id < 0:
             raise DataError(f"tokenizer {self.path} defines no BOS/EOS token "
                             f"(bos_id={self.bos_id}, eos_id={self.eos_id}); documents need both")
+        proto = spm_model.ModelProto()
+        proto.ParseFromString(self.path.read_bytes())
+        norm, trainer = proto.normalizer_spec, proto.trainer_spec
+        self.can_cut = (trainer.model_type == spm_model.TrainerSpec.BPE and trainer.split_by_whitespace
+                        and not trainer.treat_whitespace_as_suffix and norm.name == "identity"
+                        and not norm.precompiled_charsmap and not norm.remove_extra_whitespaces
+                        and norm.escape_whitespaces
+                        and not any(p.type == p.USER_DEFINED for p in proto.pieces))
+        self._continuation = self._sp
+        if self.can_cut and norm.add_dummy_prefix:
+            norm.add_dummy_prefix = False
+            self._continuation = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
     @property
     def vocab_size(self) -> int:
@@ -131,6 +172,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def encode_continuations(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        if not self.can_cut:
+            raise ValueError(f"{self!r} cannot encode a document in parts")
+        return self._continuation.encode(texts, num_threads=num_threads or os.cpu_count() or 1)
 
 
 def find_tokenizer_file(path: str | os.PathLike) -> Path | None:
@@ -208,14 +254,16 @@ def copy_tokenizer(tok: Tokenizer, folder: Path) -> list[Path]:
     file is removed, so `load_tokenizer(folder)` opens this tokenizer."""
     folder = Path(folder)
     main = "tokenizer.json" if tok.path.suffix == ".json" else "tokenizer.model"
-    written = []
-    for i, src in enumerate(tok.files):
-        dst = folder / (main if i == 0 else src.name)
-        write_atomic(dst, src.read_bytes())
-        written.append(dst)
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:  # first: a folder is read by the first of them it holds
         if name != main:
             (folder / name).unlink(missing_ok=True)
+    written = []
+    # The main file last: a concurrent reader (another prepare task) finds the tokenizer by it, so
+    # the config files naming its BOS/EOS must already be there when it appears.
+    for i, src in reversed(list(enumerate(tok.files))):
+        dst = folder / (main if i == 0 else src.name)
+        write_atomic(dst, src.read_bytes())
+        written.insert(0, dst)
     return written
 
 

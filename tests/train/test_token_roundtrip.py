@@ -1,0 +1,218 @@
+"""Prepared tokens are exactly the corpus: for a Llama 2 style sentencepiece (dummy prefix, byte
+fallback, digits split) and a Llama 3 style byte-level BPE tokenizer.json (special tokens added),
+every stored document decodes to its source text, its ids are the tokenizer's for the whole
+document (checked against sentencepiece and transformers' AutoTokenizer), and special ids occur
+only at document boundaries, with shards and workers that split documents.
+
+Both tokenizers are trained here on a small corpus (small vocabularies: seconds)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.data import prepare as prep
+from train.data.sources import open_corpus
+from train.data.tokenizer import load_tokenizer
+
+BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SHARD = 1 << 16  # the smallest prepare.shard_bytes: the large documents below span several shards
+WORDS = ("def return class import while for if else print value index count total self None True "
+         "Größe naïve café 東京 データ 🙂 x1 2024 3.14 <s> </s> ▁ \t").split(" ")
+
+
+def _code(rng: random.Random, lines: int) -> str:
+    out = []
+    for i in range(lines):
+        indent = " " * (4 * rng.randrange(4)) if i else ""
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 10)))
+        extra = rng.choice(["", "", f"  # see {EOT}", f" {BOS}{EOS}", "  ", "\t"])
+        out.append(f"{indent}{words} = f{i}(x) + {rng.randrange(10**6)}{extra}")
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A folder of .txt code, .jsonl and .parquet documents; returns it and its documents' texts
+    in corpus order (every file's text exactly, bytes decoded, CRLF kept)."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("raw")
+    texts = {
+        "a_code.txt": _code(rng, 4000) + "\n",  # ~190 KB: three shards, cut inside lines
+        "b_crlf.txt": _code(rng, 300).replace("\n", "\r\n") + "\r\n",
+        "c_empty.txt": "",
+        "d_one_line.txt": " ".join(rng.choice(WORDS) for _ in range(30_000)),  # one line > a shard
+        "e_no_cut_point.txt": "٣" * 40_000 + f" {EOS}",  # no "a b" anywhere: one unit
+    }
+    for name, text in texts.items():
+        (root / name).write_bytes(text.encode())
+    records = [_code(rng, rng.randrange(1, 8)) for _ in range(60)] + [f"quote {EOS} and {BOS}{EOT}", "", "  leading spaces"]
+    (root / "f.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records))
+    rows = [_code(rng, 3) for _ in range(20)] + ["", "row with <|eot_id|>\r\n"]
+    pq.write_table(pa.table({"text": rows}), root / "g.parquet")
+    docs = [texts[n] for n in sorted(texts)] + records + rows
+    return root, [d for d in docs if d]
+
+
+def _train_llama2_sp(docs: list[str], folder: Path, **extra) -> None:
+    import sentencepiece as spm
+    lines = [line for d in docs for line in d.splitlines() if line.strip()][:3000]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+        vocab_size=500, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=0.99,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **extra)
+
+
+@pytest.fixture(scope="module")
+def llama2_sp(corpus, tmp_path_factory) -> Path:
+    """A sentencepiece model as Llama 2's: BPE, dummy prefix, byte fallback, digits split, identity
+    normalisation, ids unk 0, <s> 1, </s> 2."""
+    root, docs = corpus
+    folder = tmp_path_factory.mktemp("llama2")
+    _train_llama2_sp(docs, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": False, "add_eos_token": False, "legacy": False}))
+    return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def llama3_json(corpus, tmp_path_factory) -> Path:
+    """A tokenizer.json as Llama 3's: byte-level BPE after Llama 3's split regex, no normaliser, the
+    special tokens added after the learned ones; BOS/EOS named by tokenizer_config.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    root, docs = corpus
+    folder = tmp_path_factory.mktemp("llama3")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs[:40], trainer=trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens([BOS, EOS, EOT])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS}))
+    return folder / "tokenizer.json"
+
+
+def _stored_documents(out: Path, split: str, bos: int, eos: int) -> list[list[int]]:
+    """The split's token stream cut into its stored documents (BOS ... EOS each), checking that
+    BOS and EOS occur nowhere else."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    stream = np.concatenate([np.fromfile(out / "shards" / f"{r['id']:06d}.{split}.bin", manifest["dtype"])
+                             for r in manifest["shards"]]).tolist()
+    starts = [i for i, t in enumerate(stream) if t == bos]
+    ends = [i for i, t in enumerate(stream) if t == eos]
+    assert len(starts) == len(ends) and starts[0] == 0 and ends[-1] == len(stream) - 1
+    assert all(s == e + 1 for s, e in zip(starts[1:], ends[:-1])), "a token outside BOS ... EOS"
+    return [stream[s + 1:e] for s, e in zip(starts, ends)]
+
+
+def _whole_documents(out: Path, tok, docs: list[str]) -> list[list[int]]:
+    """Reassemble each source document from its stored parts (runs of held-out or train text, in
+    order): the stored documents of both splits, taken in corpus order, must be exactly the whole
+    documents' ids, split at most where a document switches between train and held-out text."""
+    queues = {s: _stored_documents(out, s, tok.bos_id, tok.eos_id) for s in prep.SPLITS}
+    result, switches = [], 0
+    for doc in docs:
+        ids = tok.encode(doc)
+        got, last = [], None
+        while len(got) < len(ids):
+            fits = [s for s in prep.SPLITS if queues[s] and queues[s][0] == ids[len(got):len(got) + len(queues[s][0])]
+                    and queues[s][0] and s != last]
+            assert fits, f"document {doc[:40]!r}: stored parts do not continue its ids at {len(got)}"
+            got += queues[fits[0]].pop(0)
+            switches += last is not None
+            last = fits[0]
+        result.append(got)
+    assert not queues["train"] and not queues["val"], "stored documents that are no corpus document"
+    assert switches > 0, "no document was split between train and held-out: the test checks nothing"
+    return result
+
+
+@pytest.mark.parametrize("kind", ["llama2_sentencepiece", "llama3_tokenizer_json"])
+def test_prepared_documents_are_the_tokenizers_ids_of_the_whole_documents(kind, corpus, request, tmp_path):
+    root, docs = corpus
+    tok_path = request.getfixturevalue("llama2_sp" if kind.startswith("llama2") else "llama3_json")
+    tok = load_tokenizer(tok_path)
+    assert tok.can_cut  # so documents are really encoded in parts below
+    out = tmp_path / "prepared"
+    done = prep.prepare_dataset(open_corpus(str(root)), tok_path, out, val_fraction=0.2, max_chars=None,
+                                shard_bytes=SHARD, workers=2)
+    assert done.manifest is not None and done.shards_total >= 5
+    stored = _whole_documents(out, tok, docs)
+    expected = _reference_ids(tok_path, docs)
+    for doc, ids, ref in zip(docs, stored, expected):
+        assert ids == ref, f"{doc[:60]!r}: the stored ids are not the reference tokenizer's"
+        # sentencepiece writes spaces as "▁": a literal "▁" in the text decodes as a space (Llama 2's
+        # tokenizer does the same); every other character comes back exactly
+        assert tok.decode(ids) == (doc.replace("▁", " ") if tok_path.suffix == ".model" else doc)
+    # the same folder, byte for byte, from one worker with shards twice as large
+    again = prep.prepare_dataset(open_corpus(str(root)), tok_path, tmp_path / "again", val_fraction=0.2,
+                                 max_chars=None, shard_bytes=2 * SHARD, workers=1)
+    assert _whole_documents(tmp_path / "again", tok, docs) == stored and again.manifest["train"] == done.manifest["train"]
+
+
+def _reference_ids(tok_path: Path, docs: list[str]) -> list[list[int]]:
+    """The ids of each whole document by the libraries themselves: AutoTokenizer (special-token
+    strings read as text) and, for a .model, sentencepiece, Meta's reference for Llama 2.
+    transformers' Llama tokenizer (a converted tokenizer.json since transformers 5) adds no dummy
+    "▁" to a text that starts with a space (or a "▁"), unlike sentencepiece: there only
+    sentencepiece is compared."""
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(str(tok_path.parent), local_files_only=True,
+                                                      split_special_tokens=True)
+    hf = [auto.encode(d, add_special_tokens=False) for d in docs]
+    if tok_path.suffix != ".model":
+        return hf
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    ids = [sp.encode(d) for d in docs]
+    compared = [k for k, d in enumerate(docs) if not d.startswith((" ", "▁"))]
+    assert len(compared) > len(docs) // 2 and all(hf[k] == ids[k] for k in compared), \
+        "transformers' Llama tokenizer disagrees with sentencepiece"
+    return ids
+
+
+def test_a_single_line_longer_than_a_shard_keeps_its_eos(corpus, llama2_sp, tmp_path):
+    """Issue 16: a one-line file over prepare.shard_bytes lost its EOS (101 BOS, 100 EOS)."""
+    root, _ = corpus
+    line = (root / "d_one_line.txt").read_text()
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "one.txt").write_text(line * 3)  # ~3 shards, no newline anywhere
+    out = tmp_path / "p"
+    prep.prepare_dataset(open_corpus(str(tmp_path / "raw")), llama2_sp, out, val_fraction=0.0, max_chars=None,
+                         shard_bytes=SHARD)
+    tok = load_tokenizer(llama2_sp)
+    assert _stored_documents(out, "train", tok.bos_id, tok.eos_id) == [tok.encode(line * 3)]
+
+
+def test_a_tokenizer_that_cannot_cut_encodes_every_document_whole(corpus, tmp_path):
+    """A user-defined symbol could straddle a cut point: such a sentencepiece model encodes every
+    document whole (a .txt larger than a shard is one shard); its symbol in the text is that
+    symbol's piece, as sentencepiece itself encodes it, and BOS/EOS stay at the boundaries."""
+    root, docs = corpus
+    _train_llama2_sp(docs, tmp_path, user_defined_symbols=[EOT, "be ta"])
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    assert not tok.can_cut
+    out = tmp_path / "prepared"
+    done = prep.prepare_dataset(open_corpus(str(root)), tok.path, out, val_fraction=0.2, max_chars=None,
+                                shard_bytes=SHARD)
+    from train.data.shards import plan_shards
+    c = open_corpus(str(root))
+    pieces = [p.file for shard in plan_shards(c, [f.stat().st_size for f in c.files], SHARD, None, False)
+              for p in shard]
+    assert len(pieces) == len(set(pieces)) == len(c.files) and done.shards_total == 5  # none split
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tok.path))
+    stored = [d for split in prep.SPLITS for d in _stored_documents(out, split, tok.bos_id, tok.eos_id)]
+    assert sorted(stored) == sorted(sp.encode(d) for d in docs)  # whole documents, in either split
