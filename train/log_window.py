@@ -93,7 +93,7 @@ def throughput_model(r: Run) -> Throughput:
     n_params, _, block_flops_tok = flops_per_token(r.cfg.model, r.model, r.cfg.data.seq_len)
     peak, peak_src = device_peak_flops(r.device)
     if r.is_main:
-        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.1f TFLOP/s (%s)",
+        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.3g TFLOP/s (%s)",
                  r.cfg.model.name, n_params / 1e6, r.n_layers, r.world, r.dims.dp_world, r.dims.tp,
                  peak / 1e12, peak_src)
     return Throughput(block_flops_tok=block_flops_tok,
