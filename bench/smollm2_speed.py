@@ -9,8 +9,10 @@ and batch (4 x 128 tokens per process):
                  metrics, logging every step), step times from its metrics.jsonl;
 - ours_layerskip: the same with the paper's Llama 3 recipe (layerskip=continual_llama3: layer
                  dropout p_max 0.1, early exits on every layer, rotational R=8, e_scale 0.1);
-- hf_ddp / ours_2proc: 2 processes (torchrun, gloo): HF under DistributedDataParallel, ours
-                 with FSDP2, 4 x 128 tokens per process; scaling = tokens/s(2) / tokens/s(1);
+- hf_ddp / ours_ddp / ours_2proc: 2 processes (torchrun, gloo), 4 x 128 tokens per process: HF
+                 under DistributedDataParallel; ours replicated as HF is (parallel.dp_replicate=2
+                 parallel.dp_shard=1: DDP); ours sharded (the default layout, FSDP2);
+                 scaling = tokens/s(2) / tokens/s(1), each side against its own 1-process run;
 - validation:    our validation of every exit (loss and top-1 agreement) on the held-out
                  batches, timed, against its FLOP bound.
 
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BATCH, SEQ = 4, 128
-PARTS = ("hf", "ours", "ours_layerskip", "hf_ddp", "ours_2proc", "validation")
+PARTS = ("hf", "ours", "ours_layerskip", "hf_ddp", "ours_ddp", "ours_2proc", "validation")
 
 
 # ------------------------------------------------------------------------------------ HF worker
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             ours("ours", 1, "layerskip=none")
         elif part == "ours_2proc":
             ours("ours_2proc", 2, "layerskip=none")
+        elif part == "ours_ddp":
+            ours("ours_ddp", 2, "layerskip=none", "parallel.dp_replicate=2", "parallel.dp_shard=1")
         elif part == "ours_layerskip":
             ours("ours_layerskip", 1, "layerskip=continual_llama3")
         elif part == "validation":
@@ -320,10 +324,11 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
     if "hf" in results and "ours" in results:
         results["ours_over_hf_speed_1proc"] = results["hf"]["step_s_median"] / results["ours"]["step_s_median"]
-    if all(k in results for k in ("hf", "hf_ddp", "ours", "ours_2proc")):
-        results["scaling_2proc"] = {
-            "hf_ddp": results["hf_ddp"]["tokens_per_s"] / results["hf"]["tokens_per_s"],
-            "ours_fsdp": results["ours_2proc"]["tokens_per_s"] / results["ours"]["tokens_per_s"]}
+    if all(k in results for k in ("hf", "hf_ddp", "ours")):
+        results["scaling_2proc"] = {"hf_ddp": results["hf_ddp"]["tokens_per_s"] / results["hf"]["tokens_per_s"]}
+        for name, key in (("ours_ddp", "ours_ddp"), ("ours_fsdp", "ours_2proc")):
+            if key in results:
+                results["scaling_2proc"][name] = results[key]["tokens_per_s"] / results["ours"]["tokens_per_s"]
     results["meta"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     text = json.dumps(results, indent=2)
     print(text)

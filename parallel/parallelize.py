@@ -1,4 +1,4 @@
-"""Turn a model built on the meta device into a parallel one: TP -> AC -> compile -> FSDP2.
+"""Turn a model built on the meta device into a parallel one: TP -> AC -> compile -> FSDP2/DDP.
 
 The order matters, as in torchtitan: tensor parallelism rewrites the weights into DTensors and
 installs the sequence-parallel layouts; activation checkpointing and compile wrap each block
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed._composable.replicate import replicate
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -146,18 +147,29 @@ def apply_compile(model: nn.Module, backend: str | object = "inductor") -> None:
         blocks.register_module(name, torch.compile(block, backend=backend, fullgraph=True))
 
 
-# ----------------------------------------------------------------------------------------- FSDP
+# ------------------------------------------------------------------------------- data parallel
 
-def fsdp_does_work(dims: ParallelDims, param_dtype: torch.dtype) -> bool:
-    """Whether FSDP2 has anything to do. It shards over more than one data-parallel rank; it casts
-    the fp32 parameters for compute (mixed precision); under TP it brings the gradients that TP's
-    backward leaves in other layouts than their parameters (the embedding's gradient whole on
-    every rank, the norms' as pending sums) back to the parameters' layouts, once per step. On
-    one process in fp32 it would only copy: every unit's parameters into an all-gather buffer
-    before its forward and again before its backward, every gradient through a reduce-scatter
-    buffer; and parameters, gradients and optimizer states would be DTensors, whose per-tensor
-    dispatch slows gradient clipping and the optimizer step. There the model stays a plain module."""
-    return dims.dp_shard > 1 or dims.tp > 1 or param_dtype != torch.float32
+def data_parallel_wrapper(dims: ParallelDims, param_dtype: torch.dtype) -> str | None:
+    """Which wrapper does the data-parallel work: "fsdp", "ddp" or None.
+
+    FSDP2 where it shards over more than one rank (HSDP when dp_replicate > 1 too), casts the fp32
+    parameters for compute (mixed precision), or under TP brings the gradients that TP's backward
+    leaves in other layouts than their parameters (the embedding's gradient whole on every rank,
+    the norms' as pending sums) back to the parameters' layouts.
+
+    DDP where data parallelism is pure replication in fp32 (dp_shard = tp = 1, dp_replicate > 1):
+    there FSDP2 would only all-gather whole copies and reduce-scatter into whole copies, each a
+    blocking collective per block on gloo (whose reduce-scatter is an all-reduce), and make every
+    parameter a DTensor; DDP all-reduces gradient buckets while backward still runs, and keeps
+    plain tensors. On 2 CPU processes it is what makes the trainer scale as HF's DDP does
+    (bench/smollm2_speed.py).
+
+    None in one fp32 process: FSDP2 would only copy (every unit's parameters into an all-gather
+    buffer before forward and backward, every gradient through a reduce-scatter buffer), and
+    DTensor dispatch would slow clipping and the optimizer step. The model stays a plain module."""
+    if dims.dp_shard > 1 or dims.tp > 1 or param_dtype != torch.float32:
+        return "fsdp"
+    return "ddp" if dims.dp_replicate > 1 else None
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
@@ -165,7 +177,8 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
     """FSDP2 units: the token embedding, each block, and the root (final norm + output head +
     anything else). The head stays in the root because every exit's loss is computed inside the
     root forward and may use `output.weight` directly. A tied embedding is the head's matrix, so
-    it stays in the root's unit too (one unit per matrix).
+    it stays in the root's unit too (one unit per matrix). A 2-D `dp_mesh` (replicate, shard)
+    makes it HSDP: shards within a replica, an all-reduce of the reduced shards across replicas.
 
     Gradients are averaged over `dp_mesh` by FSDP2's default reduction (ReduceOp.AVG, or SUM on
     one rank): no gradient divide factor, which would need PREMUL_SUM, unsupported by gloo."""
@@ -180,19 +193,30 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
     shard(model, reshard_after_forward=reshard_after_forward)
 
 
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, compiled: bool) -> None:
+    """DDP over `dp_mesh` through torch's composable `replicate` (as torchtitan's apply_ddp): the
+    module keeps its class, parameter names and plain tensors, and gains
+    `set_requires_gradient_sync` as FSDP2 modules have. Gradients are averaged (AVG) in 100 MB
+    buckets, launched while backward runs. Buffers are not broadcast each forward: the model's
+    only buffer (the RoPE table) is computed identically on every rank."""
+    if compiled:  # the blocks are compiled one by one; let dynamo split graphs at DDP buckets
+        torch._dynamo.config.optimize_ddp = "ddp_optimizer"
+    replicate(model, process_group=dp_mesh.get_group(), bucket_cap_mb=100, broadcast_buffers=False)
+
+
 # ------------------------------------------------------------------------------------ composed
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
                 param_dtype: torch.dtype, reduce_dtype: torch.dtype,
                 compile_backend: str | object = "inductor") -> nn.Module:
-    """Apply TP (if tp > 1), AC, compile (if enabled) and FSDP2, in that order, in place; returns
-    the model. `dims.build_mesh()` must have been called.
+    """Apply TP (if tp > 1), AC, compile (if enabled) and the data-parallel wrapper (FSDP2 or
+    DDP, see `data_parallel_wrapper`), in that order, in place; returns the model.
+    `dims.build_mesh()` must have been called.
 
-    FSDP2 is applied where it does work (`fsdp_does_work`): not in a single fp32 process, where
-    the model stays a plain module (every one-process test and run takes that path). Checkpointing
-    (torch.distributed.checkpoint), gradient clipping (parallel.distributed.clip_grad_norm_) and
-    the exit loss take plain tensors and DTensors alike, so a checkpoint of one layout loads in
-    any other."""
+    In a single fp32 process the model stays a plain module (every one-process test and run takes
+    that path). Checkpointing (torch.distributed.checkpoint), gradient clipping
+    (parallel.distributed.clip_grad_norm_) and the exit loss take plain tensors and DTensors
+    alike, so a checkpoint of one layout loads in any other."""
     if cfg.compile and cfg.ac == "full" and dims.tp_enabled:
         # torch 2.13's AOT autograd fails on a compiled full-checkpoint region that contains TP
         # collectives (it tries to save a DeviceMesh for backward); selective AC compiles fine.
@@ -203,8 +227,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
     apply_ac(model, cfg.ac)
     if cfg.compile:
         apply_compile(model, compile_backend)
-    if fsdp_does_work(dims, param_dtype):
-        apply_fsdp(model, dims.dp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
+    wrapper = data_parallel_wrapper(dims, param_dtype)
+    if wrapper == "fsdp":
+        apply_fsdp(model, dims.fsdp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
+    elif wrapper == "ddp":
+        apply_ddp(model, dims.dp_replicate_mesh, cfg.compile)
     return model
 
 

@@ -6,7 +6,8 @@ initialising the model and broadcasting it (CPU), ten steps of LayerSkip trainin
 dropout + rotational early exits) must give the same per-step losses, per-exit losses and gradient
 norms in every layout, up to the rounding of the gradient reductions (< 1e-4 in fp32):
   one process, batch 8  ==  FSDP over 4 ranks, batch 2  ==  FSDP 2 x TP 2, batch 4
-                        ==  2 "nodes" (two torchrun agents, c10d rendezvous) x 2 ranks, batch 2.
+                        ==  2 "nodes" (two torchrun agents, c10d rendezvous) x 2 ranks, batch 2
+                        ==  DDP over 4 replicas, batch 2.
 Also: a step where one rank drops every one of its samples from a block while another rank keeps
 some (the FSDP hang of LAYERSKIP.md §5) completes and matches one process; and impossible layouts
 fail at start-up with a message naming the setting.
@@ -33,7 +34,7 @@ TOL = 1e-4  # fp32 on CPU; the layouts differ only in how gradients are summed
 # A tiny Llama (tp=2 divides heads 4, kv heads 2, FFN width 176, vocab 512 and seq_len 32).
 TINY = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
         "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=128",
-        "data.seq_len=32", "data.num_workers=0", "train.seed=0", f"train.steps={STEPS}",
+        "data.seq_len=32", "train.seed=0", f"train.steps={STEPS}",
         "optim.warmup_steps=2", "eval.every=0", "eval.batches=1", "logging.every=1",
         "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.save_final=false"]
 # LayerSkip on: dropout decided per global sample, an exit at every other layer (rotating).
@@ -114,6 +115,7 @@ LAYOUTS = {  # name -> (ranks, batch per data-parallel rank, extra overrides)
     "fsdp4": (4, 2, []),
     "fsdp2_tp2": (4, 4, ["parallel.tp=2"]),
     "two_nodes_x2": (4, 2, []),
+    "ddp4": (4, 2, ["parallel.dp_replicate=4", "parallel.dp_shard=1"]),
 }
 
 

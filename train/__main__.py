@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> None:
         # The layout needs only the world size: check it before the heavy imports.
         from parallel.dims import ParallelDims
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        ParallelDims(config.parallel.dp_shard, config.parallel.tp, world).check_model(
+        ParallelDims.from_config(config.parallel, world).check_model(
             config.model, config.data.seq_len)
         from train.trainer import run
         run(config)

@@ -319,7 +319,10 @@ class LayerSkipConfig:
 
 @dataclass
 class ParallelConfig:
-    dp_shard: int = -1  # data-parallel (FSDP) degree; -1 takes what TP leaves of the world
+    dp_shard: int = -1  # FSDP degree; -1 takes what dp_replicate and tp leave of the world
+    # Replicated data-parallel degree: whole copies that all-reduce gradients (DDP when dp_shard
+    # is 1, HSDP when both are > 1). Each replica sees different data, like a shard.
+    dp_replicate: int = 1
     tp: int = 1  # tensor-parallel degree
     ac: str = "none"  # none | selective | full activation checkpointing
     compile: bool = False
@@ -338,6 +341,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.tp must be >= 1, got {self.tp}")
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be >= 1 or -1, got {self.dp_shard}")
+        if self.dp_replicate < 1:
+            raise ConfigError(f"parallel.dp_replicate must be >= 1, got {self.dp_replicate}")
         if self.timeout_s <= 0:
             raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
         if self.dry_run < 0:

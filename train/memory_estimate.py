@@ -48,6 +48,7 @@ GIB = 2**30
 @dataclass
 class MemoryReport:
     world_size: int
+    dp_replicate: int
     dp_shard: int
     tp: int
     rank: int
@@ -117,7 +118,7 @@ def activation_bytes(cfg: Config, tp: int, compute: torch.dtype) -> tuple[int, i
 
 def estimate(cfg: Config, world_size: int, rank: int = 0) -> MemoryReport:
     """Per-rank memory of `cfg` on `world_size` ranks (the figures of rank `rank`)."""
-    dims = ParallelDims(cfg.parallel.dp_shard, cfg.parallel.tp, world_size)
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
     dims.check_model(cfg.model, cfg.data.seq_len)
     compute, reduce = compute_dtypes(cfg)
     sizes: ShardSizes = shard_sizes(build_model(cfg.model, "meta"), dims, cfg.parallel,
@@ -127,14 +128,20 @@ def estimate(cfg: Config, world_size: int, rank: int = 0) -> MemoryReport:
     cb, rb = (torch.tensor([], dtype=d).element_size() for d in (compute, reduce))
     unit = sizes.largest_unit_gathered_bytes
     root = sizes.root_unit_gathered_bytes
-    # root params + grads (gathered all step), two gathered blocks, one block's unsharded grads
-    # (compute dtype, then cast to the reduction dtype for the reduce-scatter).
-    fsdp = 2 * root + 2 * unit + unit + unit * rb // cb
+    if sizes.wrapper == "fsdp":
+        # root params + grads (gathered all step), two gathered blocks, one block's unsharded
+        # grads (compute dtype, then cast to the reduction dtype for the reduce-scatter).
+        fsdp = 2 * root + 2 * unit + unit + unit * rb // cb
+    elif sizes.wrapper == "ddp":  # DDP's gradient buckets: a second copy of the gradients
+        fsdp = sizes.grad_bytes
+    else:  # a plain module: parameters and gradients are already counted whole
+        fsdp = 0
     acts, blocks, exit_loss = activation_bytes(cfg, dims.tp, compute)
     total = sizes.param_bytes + sizes.grad_bytes + optimizer + fsdp + acts
     device = int(cfg.parallel.device_gib * GIB)
     return MemoryReport(
-        world_size=world_size, dp_shard=dims.dp_shard, tp=dims.tp, rank=rank,
+        world_size=world_size, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard, tp=dims.tp,
+        rank=rank,
         param_count=sizes.param_count, param_bytes_per_rank=sizes.param_bytes,
         grad_bytes_per_rank=sizes.grad_bytes, optimizer_bytes_per_rank=optimizer,
         fsdp_gathered_bytes_per_rank=fsdp, activation_bytes_per_rank=acts,
@@ -151,6 +158,7 @@ def format_report(r: MemoryReport, cfg: Config) -> str:
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     lines = [
         f"dry run: {cfg.model.name} ({_count(r.param_count)} parameters) on {r.world_size} ranks = "
+        + (f"dp_replicate {r.dp_replicate} x " if r.dp_replicate > 1 else "") +
         f"dp_shard {r.dp_shard} x tp {r.tp}; per rank (rank {r.rank}; rank 0 holds the largest "
         f"shard): batch {cfg.data.batch_size} x seq "
         f"{cfg.data.seq_len}, ac={cfg.parallel.ac}, {r.compute_dtype} compute, fp32 master weights; "
@@ -158,7 +166,7 @@ def format_report(r: MemoryReport, cfg: Config) -> str:
         f"  parameters (sharded, fp32)      {g(r.param_bytes_per_rank)}",
         f"  gradients (sharded, fp32)       {g(r.grad_bytes_per_rank)}",
         f"  AdamW state                     {g(r.optimizer_bytes_per_rank)}",
-        f"  FSDP gathered weights/grads     {g(r.fsdp_gathered_bytes_per_rank)}",
+        f"  FSDP gathered / DDP buckets     {g(r.fsdp_gathered_bytes_per_rank)}",
         f"  activations                     {g(r.activation_bytes_per_rank)}"
         f"  (blocks {r.block_activation_bytes / GIB:.2f}, exit loss {r.exit_loss_bytes / GIB:.2f})",
         f"  total per rank                  {g(r.total_bytes_per_rank)} of {r.device_bytes / GIB:.0f} GiB: "

@@ -29,7 +29,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from torch import nn
 
 from parallel.dims import ParallelDims
@@ -209,9 +208,9 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     """Mesh, run directory, data, model (meta -> parallelize -> allocate + init or import),
     optimizer, LayerSkip schedules and the checkpoint manager; nothing is restored yet."""
     is_main = rank == 0
-    dims = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp, world_size=world)
+    dims = ParallelDims.from_config(cfg.parallel, world)
     dims.check_model(cfg.model, cfg.data.seq_len)
-    mesh = dims.build_mesh(device.type)
+    dims.build_mesh(device.type)
     run_dir = resolve_run_dir(cfg, dims.dp_world)
     identity = run_identity(cfg, dims.dp_world)  # before the tokenizer path is resolved into cfg below
     refuse_another_runs_checkpoints(cfg, run_dir, identity, is_main)
@@ -247,7 +246,7 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, rank=rank, world=world,
                              model_cfg=cfg.model)
     return Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims,
-               dp_group=mesh["dp_shard"].get_group(), run_dir=run_dir, data=data, model=model,
+               dp_group=dims.dp_mesh.get_group(), run_dir=run_dir, data=data, model=model,
                optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt, identity=identity)
 
 
@@ -292,7 +291,8 @@ def train_step(r: Run, batches: Iterator) -> StepResult:
     cfg, L, step = r.cfg, r.n_layers, r.state.step
     started = time.perf_counter()
     accum = cfg.train.grad_accum
-    fsdp = isinstance(r.model, FSDPModule)
+    # FSDP2 and DDP modules both have it; a plain module has no gradients to synchronise
+    gradient_sync = getattr(r.model, "set_requires_gradient_sync", None)
     set_lr(r.optimizer, lr := lr_at(step, cfg.train.steps, cfg.optim))
     weights = r.curriculum.weights(step)  # active exits -> normalised weight (incl. L-1)
     capture = [l for l in weights if l != L - 1]
@@ -302,8 +302,8 @@ def train_step(r: Run, batches: Iterator) -> StepResult:
         inputs, labels = next(batches)
         inputs, labels = inputs.to(r.device, non_blocking=True), labels.to(r.device, non_blocking=True)
         plan = r.dropout.plan(step, micro, batch_size=inputs.shape[0], device=r.device)
-        if fsdp:  # reduce-scatter gradients once per optimizer step
-            r.model.set_requires_gradient_sync(micro == accum - 1)
+        if gradient_sync is not None:  # reduce gradients once per optimizer step
+            gradient_sync(micro == accum - 1)
         fn = make_exit_loss(labels, weights, cfg.layerskip.exit.chunk_tokens, tp_degree=r.dims.tp)
         with loss_context(r.dims.tp):
             out = r.model(inputs, keep=plan.keep, capture=capture, loss_fn=fn)

@@ -15,16 +15,21 @@ TINY = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, 
 def test_dp_shard_resolves_to_the_rest_of_the_world() -> None:
     assert ParallelDims(dp_shard=-1, tp=2, world_size=8).dp_shard == 4
     assert ParallelDims(dp_shard=-1, tp=1, world_size=1).dp_shard == 1
+    hsdp = ParallelDims(dp_shard=-1, tp=2, world_size=16, dp_replicate=2)
+    assert (hsdp.dp_shard, hsdp.dp_world) == (4, 8)
 
 
-@pytest.mark.parametrize("dp_shard,tp,world,message", [
-    (-1, 2, 3, "parallel.tp=2 does not divide the world size 3"),
-    (2, 2, 8, "parallel.dp_shard=2 x parallel.tp=2 = 4, but the world size is 8"),
-    (0, 1, 1, "parallel.dp_shard must be >= 1 or -1"),
+@pytest.mark.parametrize("dp_shard,tp,world,replicate,message", [
+    (-1, 2, 3, 1, "parallel.tp=2 does not divide the world size 3"),
+    (2, 2, 8, 1, "parallel.dp_shard=2 x parallel.tp=2 = 4, but the world size is 8"),
+    (0, 1, 1, 1, "parallel.dp_shard must be >= 1 or -1"),
+    (-1, 2, 6, 2, "parallel.dp_replicate=2 x parallel.tp=2 = 4 does not divide the world size 6"),
+    (1, 1, 4, 2, r"parallel.dp_replicate=2 x parallel.dp_shard=1 x parallel.tp=1 = 2, but the world size is 4"),
+    (1, 1, 4, 0, "parallel.dp_replicate must be >= 1"),
 ])
-def test_layout_must_fill_the_world(dp_shard: int, tp: int, world: int, message: str) -> None:
+def test_layout_must_fill_the_world(dp_shard: int, tp: int, world: int, replicate: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        ParallelDims(dp_shard=dp_shard, tp=tp, world_size=world)
+        ParallelDims(dp_shard=dp_shard, tp=tp, world_size=world, dp_replicate=replicate)
 
 
 def test_ffn_width_is_torchtitans() -> None:
@@ -53,12 +58,21 @@ def test_tp_must_divide_heads_and_sequence() -> None:
         ParallelDims(dp_shard=1, tp=2, world_size=2).check_model(TINY, seq_len=15)
 
 
-def _mesh_worker(rank: int, world: int) -> tuple[int, int, int, int]:
-    dims = ParallelDims(dp_shard=-1, tp=2, world_size=world)
-    dims.build_mesh("cpu")
-    return dims.dp_rank, dims.tp_rank, dims.dp_mesh.size(), dims.tp_mesh.size()
+def _mesh_worker(rank: int, world: int) -> list[tuple]:
+    out = []
+    for replicate, tp in ((1, 2), (2, 1), (2, 2)):
+        dims = ParallelDims(dp_shard=-1, tp=tp, world_size=world, dp_replicate=replicate)
+        dims.build_mesh("cpu")
+        out.append((dims.dp_rank, dims.dp_world, dims.tp_rank, dims.dp_mesh.size(), dims.fsdp_mesh.ndim))
+    return out
 
 
-def test_mesh_puts_tp_innermost() -> None:
-    # ranks 0,1 form TP group 0 (data shard 0), ranks 2,3 TP group 1 (data shard 1)
-    assert run_distributed(_mesh_worker, 4, timeout_s=90) == [(0, 0, 2, 2), (0, 1, 2, 2), (1, 0, 2, 2), (1, 1, 2, 2)]
+def test_mesh_puts_tp_innermost_and_replicas_outermost() -> None:
+    by_rank = run_distributed(_mesh_worker, 4, timeout_s=90)
+    tp2, replicate2, replicate2_tp2 = zip(*by_rank)
+    # TP 2: ranks 0,1 form TP group 0 (data rank 0), ranks 2,3 TP group 1 (data rank 1)
+    assert tp2 == ((0, 2, 0, 2, 1), (0, 2, 1, 2, 1), (1, 2, 0, 2, 1), (1, 2, 1, 2, 1))
+    # 2 replicas x 2 shards (HSDP): every rank its own data, in rank order; FSDP2 gets a 2-D mesh
+    assert replicate2 == ((0, 4, 0, 4, 2), (1, 4, 0, 4, 2), (2, 4, 0, 4, 2), (3, 4, 0, 4, 2))
+    # 2 replicas x TP 2 (no sharding): the TP pairs see the data of their replica
+    assert replicate2_tp2 == ((0, 2, 0, 2, 2), (0, 2, 1, 2, 2), (1, 2, 0, 2, 2), (1, 2, 1, 2, 2))

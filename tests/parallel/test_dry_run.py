@@ -37,6 +37,15 @@ def test_paper_layout(setting, gpus, overrides):
         "README's layout table is out of date: python bench/layout_table.py"
 
 
+def test_hsdp_shards_within_a_replica_only():
+    """8 replicas x 8 shards: each rank holds 1/8 of the model (what one replica's shard group
+    splits), and the report names the replicas."""
+    cfg, report, _ = layout_table.run_row(
+        "experiment=continual_llama3_2_1b parallel.dry_run=64 parallel.dp_replicate=8 parallel.ac=selective")
+    assert (report.dp_replicate, report.dp_shard, report.tp) == (8, 8, 1)
+    assert report.param_bytes_per_rank * 8 == report.param_count * 4
+
+
 @pytest.mark.parametrize("overrides,message", [
     ("experiment=continual_llama2_7b parallel.dry_run=64 parallel.tp=3",
      "parallel.tp=3 does not divide the world size 64"),
@@ -81,7 +90,7 @@ def _measure(rank: int, world: int, layouts: list[Config]) -> list[dict[str, int
     from train.optim import build_optimizer
     out = []
     for cfg in layouts:
-        dims = ParallelDims(cfg.parallel.dp_shard, cfg.parallel.tp, world)
+        dims = ParallelDims.from_config(cfg.parallel, world)
         dims.build_mesh("cpu")
         model = build_model(cfg.model)
         parallelize(model, dims, cfg.parallel, param_dtype=torch.float32, reduce_dtype=torch.float32)

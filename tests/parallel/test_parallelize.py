@@ -82,12 +82,19 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
     local_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
     mean_loss = all_reduce_mean({"loss": local_loss.item()}, dims.dp_mesh)["loss"]
     norm = float(clip_grad_norm_(model.parameters(), max_norm))
-    grads = {canonical_name(n): p.grad.full_tensor() for n, p in model.named_parameters()}
+    grads = {canonical_name(n): p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+             for n, p in model.named_parameters()}
     if cfg.tie_embeddings:  # one DTensor for both uses, in the root's FSDP unit
         from torch.distributed.fsdp import FSDPModule
         assert model.output.weight is model.tok_embeddings.weight
         assert not isinstance(model.tok_embeddings, FSDPModule)
-    return dict(loss=mean_loss, norm=norm, grads=grads if rank == 0 else None)
+    return dict(loss=mean_loss, norm=norm, grads=grads if rank == 0 else None, wrapper=_wrapper(model))
+
+
+def _wrapper(model: torch.nn.Module) -> str:
+    from torch.distributed._composable.replicate import DDP
+    from torch.distributed.fsdp import FSDPModule
+    return "fsdp" if isinstance(model, FSDPModule) else "ddp" if isinstance(model, DDP) else "plain"
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +107,19 @@ def reference_no_dropout() -> dict:
     return _reference(max_norm_fraction=0.5, keep=False)
 
 
-@pytest.mark.parametrize("world,pcfg", [
-    (2, ParallelConfig(dp_shard=2, tp=1, ac="none", reshard_after_forward=True)),
-    (2, ParallelConfig(dp_shard=1, tp=2, ac="none")),
-    (4, ParallelConfig(dp_shard=-1, tp=2, ac="full", reshard_after_forward=False)),
-], ids=["fsdp2", "tp2", "fsdp2xtp2-full-ac"])
-def test_layout_matches_single_process(reference: dict, world: int, pcfg: ParallelConfig) -> None:
+@pytest.mark.parametrize("world,pcfg,wrapper", [
+    (2, ParallelConfig(dp_shard=2, tp=1, ac="none", reshard_after_forward=True), "fsdp"),
+    (2, ParallelConfig(dp_shard=1, tp=2, ac="none"), "fsdp"),
+    (4, ParallelConfig(dp_shard=-1, tp=2, ac="full", reshard_after_forward=False), "fsdp"),
+    (2, ParallelConfig(dp_replicate=2, dp_shard=1, ac="none"), "ddp"),
+    (4, ParallelConfig(dp_replicate=2, dp_shard=2, ac="selective"), "fsdp"),
+    (4, ParallelConfig(dp_replicate=2, dp_shard=1, tp=2, ac="none"), "fsdp"),
+], ids=["fsdp2", "tp2", "fsdp2xtp2-full-ac", "ddp2", "hsdp2x2", "replicate2xtp2"])
+def test_layout_matches_single_process(reference: dict, world: int, pcfg: ParallelConfig, wrapper: str) -> None:
+    """Including the block that keeps no sample anywhere: DDP's buckets must still complete."""
     out = run_distributed(_step_worker, world, timeout_s=150,
                           args=(pcfg, reference["state_dict"], reference["max_norm"], True))
+    assert {r["wrapper"] for r in out} == {wrapper}
     _check(out, reference)
 
 
@@ -220,7 +232,7 @@ def _single_rank_worker(rank: int, world: int) -> dict:
 
 
 def test_one_process_in_fp32_is_a_plain_module() -> None:
-    """FSDP2 on one rank in fp32 would only copy (parallel.parallelize.fsdp_does_work): the model
+    """FSDP2 on one rank in fp32 would only copy (parallel.parallelize.data_parallel_wrapper): the model
     stays plain; with mixed precision FSDP2 casts for compute, so it is applied."""
     (out,) = run_distributed(_single_rank_worker, 1, timeout_s=120)
     assert out["fp32"] == dict(fsdp=False, dtensor=False, logits_dtype="torch.float32")

@@ -203,7 +203,7 @@ def test_continual_llama3_from_the_command_line(tmp_path, llama3_dir):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(Path(ROOT, f).read_text() for f in ("train/trainer.py", "train/checkpoint.py")))
     common = ["model=hf", f"model.init_from={llama3_dir}", f"data.source={corpus}", "data.seq_len=32",
-              "data.batch_size=2", "data.num_workers=0", "data.val_fraction=0.1", "train.steps=2",
+              "data.batch_size=2", "data.val_fraction=0.1", "train.steps=2",
               "eval.every=0", "eval.batches=1", "logging.every=1", "logging.tensorboard=false",
               "checkpoint.interval=0", "checkpoint.async=false"]
     runs = {"files": ["data=files"], "recipe": ["experiment=continual_llama3_2_1b", "parallel=default"]}

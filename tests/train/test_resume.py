@@ -27,7 +27,7 @@ STEPS = 8
 # rotational early-exit curriculum stay on (quickstart), so their state must survive a resume.
 TINY = ["experiment=quickstart", "model.n_layers=2", "model.dim=64", "model.n_heads=4",
         "model.n_kv_heads=2", "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=64",
-        "data=files", "data.seq_len=32", "data.num_workers=0", "data.val_fraction=0.05",
+        "data=files", "data.seq_len=32", "data.val_fraction=0.05",
         "eval.every=0", "eval.batches=1", "logging.every=1", "logging.tensorboard=false",
         "optim.warmup_steps=2", "checkpoint.interval=2", "checkpoint.keep=10"]
 
@@ -206,6 +206,19 @@ def test_resume_on_another_layout(corpus, fsdp_straight: Path, tmp_path: Path) -
     run_dir = _copy_run(fsdp_straight, tmp_path / "run", up_to_step=20)
     log = _train(corpus["cwd"], _overrides(corpus, run_dir, KILL_STEPS, 8, "checkpoint.interval=5"))
     assert "resumed from step 20" in log and "resharding" in log
+    got, want = _losses(run_dir), _losses(fsdp_straight)
+    assert sorted(got) == sorted(want)
+    for step in range(21, KILL_STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+
+def test_resume_from_fsdp_on_ddp_replicas(corpus, fsdp_straight: Path, tmp_path: Path) -> None:
+    """Saved by 2 FSDP ranks (sharded DTensors), resumed by 2 DDP replicas (plain tensors, the
+    optimizer state whole on each): the same losses as the uninterrupted FSDP run."""
+    run_dir = _copy_run(fsdp_straight, tmp_path / "run", up_to_step=20)
+    log = _torchrun(corpus["cwd"], _overrides(corpus, run_dir, KILL_STEPS, 4, "checkpoint.interval=5",
+                                              "parallel.dp_replicate=2", "parallel.dp_shard=1"))
+    assert "resumed from step 20" in log
     got, want = _losses(run_dir), _losses(fsdp_straight)
     assert sorted(got) == sorted(want)
     for step in range(21, KILL_STEPS + 1):
