@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed._composable.replicate import replicate
+from torch.distributed._composable.replicate import DDP, replicate
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torchtitan.models.llama3.infra.parallelize import apply_tp as _torchtitan_apply_tp
@@ -170,6 +170,13 @@ def data_parallel_wrapper(dims: ParallelDims, param_dtype: torch.dtype) -> str |
     if dims.dp_shard > 1 or dims.tp > 1 or param_dtype != torch.float32:
         return "fsdp"
     return "ddp" if dims.dp_replicate > 1 else None
+
+
+def wrapper_of(model: nn.Module) -> str:
+    """What `parallelize` wrapped the model in: "fsdp", "ddp" or "plain"."""
+    if isinstance(model, FSDPModule):
+        return "fsdp"
+    return "ddp" if isinstance(model, DDP) else "plain"
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,

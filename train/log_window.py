@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from parallel.parallelize import wrapper_of
 from train.metrics import MetricsLogger, device_peak_flops, memory_stats, mfu_pct, rank_balance
 from train.model import flops_per_token
 
@@ -93,8 +94,11 @@ def throughput_model(r: Run) -> Throughput:
     n_params, _, block_flops_tok = flops_per_token(r.cfg.model, r.model, r.cfg.data.seq_len)
     peak, peak_src = device_peak_flops(r.device)
     if r.is_main:
-        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d x tp %d); peak %.3g TFLOP/s (%s)",
-                 r.cfg.model.name, n_params / 1e6, r.n_layers, r.world, r.dims.dp_world, r.dims.tp,
+        d = r.dims
+        log.info("model %s: %.1fM parameters, %d layers; world %d (dp %d = replicate %d x shard %d, "
+                 "tp %d; %s); peak %.3g TFLOP/s (%s)",
+                 r.cfg.model.name, n_params / 1e6, r.n_layers, r.world, d.dp_world, d.dp_replicate,
+                 d.dp_shard, d.tp, {"fsdp": "FSDP2", "ddp": "DDP", "plain": "a plain module"}[wrapper_of(r.model)],
                  peak / 1e12, peak_src)
     return Throughput(block_flops_tok=block_flops_tok,
                       head_flops_tok=6 * r.cfg.model.dim * r.cfg.model.vocab_size, peak=peak)

@@ -34,7 +34,7 @@ from torch import nn
 from parallel.dims import ParallelDims
 from parallel.distributed import (HangDumps, clip_grad_norm_, destroy, gather_rows, init_distributed,
                                   is_collective_timeout)
-from parallel.parallelize import load_full_state_dict, parallelize
+from parallel.parallelize import load_full_state_dict, parallelize, wrapper_of
 from train.checkpoint import CheckpointManager, complete_checkpoints, step_dir_name
 from train.config import Config, ConfigError, to_dict
 from train.data import build_data
@@ -231,6 +231,12 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     param_dtype, reduce_dtype = _dtypes(cfg, device)
     model = build_model(cfg.model)
     parallelize(model, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if is_main and device.type == "cpu" and wrapper_of(model) == "fsdp" and dims.dp_world == dims.dp_shard \
+            and dims.tp == 1 and param_dtype == torch.float32:
+        log.info("FSDP2 over %d CPU processes blocks the step on every unit's gloo collectives; if the "
+                 "model and its AdamW state fit each process whole, parallel.dp_replicate=%d "
+                 "parallel.dp_shard=1 (DDP) is faster (README: Choosing a layout)",
+                 dims.dp_shard, dims.dp_shard)
     init_weights(model, cfg, device, rank)
     if cfg.model.init_from:
         from train.hf import load_into_model

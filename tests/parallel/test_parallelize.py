@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel.dims import ParallelDims
-from parallel.parallelize import apply_ac, apply_compile, canonical_name
+from parallel.parallelize import apply_ac, apply_compile, canonical_name, wrapper_of
 from tests.parallel._mp import run_distributed
 from train.config import ModelConfig, ParallelConfig
 from train.model import build_model, init_model
@@ -88,13 +88,7 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
         from torch.distributed.fsdp import FSDPModule
         assert model.output.weight is model.tok_embeddings.weight
         assert not isinstance(model.tok_embeddings, FSDPModule)
-    return dict(loss=mean_loss, norm=norm, grads=grads if rank == 0 else None, wrapper=_wrapper(model))
-
-
-def _wrapper(model: torch.nn.Module) -> str:
-    from torch.distributed._composable.replicate import DDP
-    from torch.distributed.fsdp import FSDPModule
-    return "fsdp" if isinstance(model, FSDPModule) else "ddp" if isinstance(model, DDP) else "plain"
+    return dict(loss=mean_loss, norm=norm, grads=grads if rank == 0 else None, wrapper=wrapper_of(model))
 
 
 @pytest.fixture(scope="module")
