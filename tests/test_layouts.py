@@ -7,7 +7,7 @@ dropout + rotational early exits) must give the same per-step losses, per-exit l
 norms in every layout, up to the rounding of the gradient reductions (< 1e-4 in fp32):
   one process, batch 8  ==  FSDP over 4 ranks, batch 2  ==  FSDP 2 x TP 2, batch 4
                         ==  2 "nodes" (two torchrun agents, c10d rendezvous) x 2 ranks, batch 2
-                        ==  DDP over 4 replicas, batch 2.
+                        ==  DDP over 2 replicas, batch 4.
 Also: a step where one rank drops every one of its samples from a block while another rank keeps
 some (the FSDP hang of LAYERSKIP.md §5) completes and matches one process; and impossible layouts
 fail at start-up with a message naming the setting.
@@ -115,7 +115,7 @@ LAYOUTS = {  # name -> (ranks, batch per data-parallel rank, extra overrides)
     "fsdp4": (4, 2, []),
     "fsdp2_tp2": (4, 4, ["parallel.tp=2"]),
     "two_nodes_x2": (4, 2, []),
-    "ddp4": (4, 2, ["parallel.dp_replicate=4", "parallel.dp_shard=1"]),
+    "ddp2": (2, 4, ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
 }
 
 
