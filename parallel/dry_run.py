@@ -103,7 +103,8 @@ def shard_sizes(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
     gathered = torch.tensor([], dtype=param_dtype).element_size() * dims.dp_shard
     return ShardSizes(
         world_size=dims.world_size, rank=rank, dp_shard=dims.dp_shard, tp=dims.tp,
-        wrapper=data_parallel_wrapper(dims, param_dtype), param_count=param_count, local_param_count=sum(t.numel() for t in local),
+        wrapper=data_parallel_wrapper(dims, param_dtype),
+        param_count=param_count, local_param_count=sum(t.numel() for t in local),
         param_tensors=len(params), param_bytes=stored, grad_bytes=grads,
         largest_unit_gathered_bytes=max(units, default=0) * gathered,
         root_unit_gathered_bytes=root * gathered)
