@@ -6,8 +6,10 @@ initialising the model and broadcasting it (CPU), ten steps of LayerSkip trainin
 dropout + rotational early exits) must give the same per-step losses, per-exit losses and gradient
 norms in every layout, up to the rounding of the gradient reductions (< 1e-4 in fp32):
   one process, batch 8  ==  FSDP over 4 ranks, batch 2  ==  FSDP 2 x TP 2, batch 4
-                        ==  2 "nodes" (two torchrun agents, c10d rendezvous) x 2 ranks, batch 2
-                        ==  DDP over 2 replicas, batch 4.
+                        ==  2 "nodes" (two torchrun agents, c10d rendezvous) x 2 ranks, batch 2.
+(DDP replicas train as FSDP ranks do: tests/train/test_resume.py resumes an FSDP run on 2 DDP
+replicas and checks ten more LayerSkip steps against the FSDP run; tests/parallel/
+test_parallelize.py checks DDP's and HSDP's gradients against one process.)
 Also: a step where one rank drops every one of its samples from a block while another rank keeps
 some (the FSDP hang of LAYERSKIP.md §5) completes and matches one process; and impossible layouts
 fail at start-up with a message naming the setting.
@@ -115,7 +117,6 @@ LAYOUTS = {  # name -> (ranks, batch per data-parallel rank, extra overrides)
     "fsdp4": (4, 2, []),
     "fsdp2_tp2": (4, 4, ["parallel.tp=2"]),
     "two_nodes_x2": (4, 2, []),
-    "ddp2": (2, 4, ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
 }
 
 
