@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from parallel.dims import ParallelDims
-from parallel.parallelize import data_parallel_wrapper, parallelize
+from parallel.parallelize import parallelize, wrapper_of
 from train.config import ParallelConfig
 
 
@@ -38,7 +38,7 @@ class ShardSizes:
     rank: int
     dp_shard: int
     tp: int
-    wrapper: str | None  # the data-parallel wrapper: "fsdp", "ddp" or None (a plain module)
+    wrapper: str  # what parallelize wrapped the model in: "fsdp", "ddp" or "plain"
     param_count: int  # the whole model's parameters (global numel)
     local_param_count: int  # numel of this rank's shards
     param_tensors: int  # parameter tensors (each gets its own optimizer step counter)
@@ -103,7 +103,7 @@ def shard_sizes(model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, *,
     gathered = torch.tensor([], dtype=param_dtype).element_size() * dims.dp_shard
     return ShardSizes(
         world_size=dims.world_size, rank=rank, dp_shard=dims.dp_shard, tp=dims.tp,
-        wrapper=data_parallel_wrapper(dims, param_dtype),
+        wrapper=wrapper_of(model),
         param_count=param_count, local_param_count=sum(t.numel() for t in local),
         param_tensors=len(params), param_bytes=stored, grad_bytes=grads,
         largest_unit_gathered_bytes=max(units, default=0) * gathered,

@@ -21,16 +21,17 @@ ROOT = Path(__file__).resolve().parents[2]
 CFG = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64)
 
 
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> str:
-    """A ~300-piece BPE sentencepiece model with the project's settings, trained on our own source."""
+@pytest.fixture(scope="module", params=[True, False], ids=["dummy_prefix", "no_dummy_prefix"])
+def sp_model(tmp_path_factory, request) -> str:
+    """A ~300-piece BPE sentencepiece model trained on our own source: with Llama 2's dummy
+    prefix (its real setting), and without (the project's own tokenizers)."""
     spm = pytest.importorskip("sentencepiece")
     d = tmp_path_factory.mktemp("tok")
     (d / "corpus.txt").write_text(Path(__file__).read_text() + Path(ROOT, "train/model.py").read_text())
     spm.SentencePieceTrainer.train(
         input=str(d / "corpus.txt"), model_prefix=str(d / "sp"), model_type="bpe", vocab_size=400,
         hard_vocab_limit=False, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=request.param,
         allow_whitespace_only_pieces=True, minloglevel=2)
     return str(d / "sp.model")
 
