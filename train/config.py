@@ -222,7 +222,7 @@ class OptimConfig:
 
 @dataclass
 class DropoutConfig:
-    """Per-sample layer dropout: p(l, t) = S(t) * D(l) * p_max (see LAYERSKIP.md)."""
+    """Per-sample layer dropout: p(l, t) = S(t) * D(l) * p_max (docs/concepts.md)."""
     p_max: float = 0.0
     depth: str = "exp"  # exp | linear | uniform
     time: str = "constant"  # constant | exp | linear
@@ -251,40 +251,124 @@ class DropoutConfig:
         return self.p_max > 0 or (self.rates is not None and any(r > 0 for r in self.rates))
 
 
-def parse_layers(spec: Any, n_layers: int, key: str) -> list[int]:
-    """Block indices from a list of integers (negative: from the end) or a slice string like
-    '0::4' or '2:10:2' (sorted, unique); None or [] gives []. Errors name `key`."""
+def parse_exits(spec: Any, n_layers: int, key: str) -> list[int]:
+    """Exits E from a list of integers or a slice string, sorted and unique; None or [] gives [].
+
+    An exit is counted in blocks run (E = 1..L; E = L is the full model), as Hugging Face's
+    `hidden_states[E]` and `assistant_early_exit=E`, and `--exits` of train.decode and
+    train.eval_exits. Integers and slice strings index the list 0..L like Python: -1 is L, '1:' is
+    every exit, '4::4' is 4, 8, ...; a slice may run over 0, which is skipped (no block run), but
+    an explicit 0 is an error. Errors name `key`."""
     if spec is None or spec == [] or spec == "":
         return []
+    depths = list(range(n_layers + 1))  # 0 (no block run: not an exit), 1..L
     if isinstance(spec, str):
         try:
             parts = [int(p) if p.strip() else None for p in spec.split(":")]
             if len(parts) == 1:
                 idx = [parts[0]]
             elif len(parts) <= 3:
-                idx = list(range(n_layers))[slice(*parts)]
+                idx = [e for e in depths[slice(*parts)] if e != 0]
             else:
                 raise ValueError
         except (ValueError, TypeError):
             raise ConfigError(
-                f"{key}: {spec!r} is not a slice string like '0::4' or '2:10:2'") from None
+                f"{key}: {spec!r} is not a slice string like '1:' or '4::4' (exits E = 1..L)") from None
     else:
         idx = list(spec)
     out = []
     for i in idx:
         if not isinstance(i, int) or isinstance(i, bool):
             raise ConfigError(f"{key} entries must be integers, got {i!r}")
-        j = i + n_layers if i < 0 else i
-        if not 0 <= j < n_layers:
-            raise ConfigError(f"{key}: layer {i} is out of range for {n_layers} layers")
-        out.append(j)
+        e = i + n_layers + 1 if i < 0 else i
+        if not 1 <= e <= n_layers:
+            raise ConfigError(f"{key}: exit {i} is out of range: exits count blocks run, "
+                              f"1..{n_layers} for {n_layers} layers (-1 is {n_layers}, the full model)")
+        out.append(e)
     return sorted(set(out))
+
+
+def _as_exits(spec: Any) -> str | None:
+    """The exits (E = block index + 1) that an old block-index setting meant, in the same form
+    (None where the old value was not valid either)."""
+    def shift(i: Any) -> Any:
+        return i + 1 if isinstance(i, int) and not isinstance(i, bool) and i >= 0 else i
+    if isinstance(spec, str):
+        parts = spec.split(":")
+        try:
+            if len(parts) == 1:
+                return repr(str(shift(int(parts[0]))))
+            if len(parts) <= 3:
+                new = [str(shift(int(p))) if p.strip() else "" for p in parts[:2]] + parts[2:]
+                return repr(":".join(new))
+        except ValueError:
+            pass
+        return None
+    if isinstance(spec, (list, tuple)):
+        return "[" + ",".join(str(shift(i)) for i in spec) + "]"
+    return None
+
+
+# Settings that counted exits as block indices (0..L-1) and were renamed when exits became E =
+# blocks run. Given with a value they are refused, never reinterpreted: the same digits would name
+# the exit one block earlier. Hydra's schema keeps them (null) so a command-line override reaches
+# this message instead of Hydra's "not in struct".
+RENAMED_KEYS = {"layerskip.exit.layers": "layerskip.exit.exits", "eval.exits": "eval.at_exits"}
+
+
+def _blocks_of_old_setting(spec: Any, n_layers: int) -> list[int]:
+    """The block indices 0..L-1 an old `layerskip.exit.layers` / `eval.exits` value named."""
+    if isinstance(spec, str):
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        idx = [parts[0]] if len(parts) == 1 else list(range(n_layers))[slice(*parts)]
+    else:
+        idx = list(spec)
+    return sorted({i + n_layers if i < 0 else i for i in idx})
+
+
+def upgrade_saved_config(data: dict) -> dict:
+    """A run's config.yaml written before exits were counted in blocks run, with its old block-index
+    settings turned into exits (E = index + 1). Only for files the trainer wrote: the key name says
+    which numbering the value uses; a user's setting of an old key is refused instead."""
+    data = dict(data)
+    n_layers = (data.get("model") or {}).get("n_layers")
+    for key, new in RENAMED_KEYS.items():
+        *path, name = key.split(".")
+        parent = data
+        for part in path:  # copies along the path: the caller's dict is left as it was
+            if not isinstance(parent.get(part), dict):
+                break
+            parent[part] = dict(parent[part])
+            parent = parent[part]
+        else:
+            if name not in parent:
+                continue
+            value, new_name = parent.pop(name), new.rsplit(".", 1)[1]
+            if value is None or value == [] or value == "":
+                parent[new_name] = None
+            elif isinstance(n_layers, int):
+                parent[new_name] = [l + 1 for l in _blocks_of_old_setting(value, n_layers)]
+            else:
+                _refuse_renamed(key, value)
+    return data
+
+
+def _refuse_renamed(key: str, value: Any) -> None:
+    if value is None:
+        return
+    new, same = RENAMED_KEYS[key], _as_exits(value)
+    raise ConfigError(
+        f"{key} was renamed {new}, which counts exits as blocks run (E = 1..L, E = L the full model, "
+        f"as train.decode --exits and Hugging Face's assistant_early_exit): E = block index + 1, "
+        + (f"so {key}={value!r} is {new}={same}" if same else f"so add 1 to each index of {value!r}"))
 
 
 @dataclass
 class ExitConfig:
     """Early-exit loss through the shared final norm + output head."""
-    layers: Any = None  # None/[] = off; a list of block indices or a slice string like "0::4"
+    # Exits E (blocks run, 1..L) that may be in the loss: a list or a slice string like "1:" (all)
+    # or "4::4"; None/[] = off. E = L, the model's own output, is always in the loss.
+    exits: Any = None
     curriculum: str = "rotational"  # rotational | gradual | fixed
     period: int = 8  # R for the rotational curriculum
     e_scale: float = 0.2
@@ -303,12 +387,12 @@ class ExitConfig:
             raise ConfigError(f"layerskip.exit.weighting must be paper|uniform|linear, got {self.weighting!r}")
         if self.chunk_tokens <= 0:
             raise ConfigError(f"layerskip.exit.chunk_tokens must be positive, got {self.chunk_tokens}")
-        self.layer_list(n_layers)
+        self.exit_list(n_layers)
 
-    def layer_list(self, n_layers: int) -> list[int]:
-        """The block indices allowed to exit (sorted, unique). The last block is not listed: it is
+    def exit_list(self, n_layers: int) -> list[int]:
+        """The early exits E (1..L-1, sorted, unique) allowed in the loss. E = L is not listed: it is
         the model's own output and always in the loss."""
-        return [l for l in parse_layers(self.layers, n_layers, "layerskip.exit.layers") if l != n_layers - 1]
+        return [e for e in parse_exits(self.exits, n_layers, "layerskip.exit.exits") if e != n_layers]
 
 
 @dataclass
@@ -383,10 +467,10 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 100  # steps between validations; 0 disables (a final one still runs)
     batches: int = 8  # validation batches per rank
-    per_layer: bool = True  # validate every layer's exit (or eval.exits), not only the last
-    # The exits validated (as layerskip.exit.layers: a list or a slice string like '0::4'); null:
-    # every layer. The final layer is always validated.
-    exits: Any = None
+    per_layer: bool = True  # validate every exit (or eval.at_exits), not only the full model
+    # The exits E validated (blocks run, 1..L, as layerskip.exit.exits: a list or a slice string
+    # like '4::4'); null: every exit. The full model (E = L) is always validated.
+    at_exits: Any = None
 
     def validate(self) -> None:
         if self.every < 0:
@@ -394,12 +478,13 @@ class EvalConfig:
         if self.batches < 1:
             raise ConfigError(f"eval.batches must be >= 1, got {self.batches}")
 
-    def layer_list(self, n_layers: int) -> list[int]:
-        """The layers validated, the final one included (sorted)."""
+    def exit_list(self, n_layers: int) -> list[int]:
+        """The exits E validated, the full model E = L included (sorted)."""
         if not self.per_layer:
-            return [n_layers - 1]
-        exits = list(range(n_layers)) if self.exits is None else parse_layers(self.exits, n_layers, "eval.exits")
-        return sorted(set(exits) | {n_layers - 1})
+            return [n_layers]
+        exits = (list(range(1, n_layers + 1)) if self.at_exits is None
+                 else parse_exits(self.at_exits, n_layers, "eval.at_exits"))
+        return sorted(set(exits) | {n_layers})
 
 
 @dataclass
@@ -485,7 +570,7 @@ class Config:
             return
         self.layerskip.dropout.validate(self.model.n_layers)
         self.layerskip.exit.validate(self.model.n_layers)
-        self.eval.layer_list(self.model.n_layers)
+        self.eval.exit_list(self.model.n_layers)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) is longer than the model's context "
@@ -548,6 +633,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, strictly (unknown keys are errors)."""
     hints = typing.get_type_hints(cls)
     fields = {_key(f.name, f): f for f in dataclasses.fields(cls)}
+    for k in [k for k in data if f"{prefix}{k}" in RENAMED_KEYS]:
+        _refuse_renamed(f"{prefix}{k}", data[k])
+    data = {k: v for k, v in data.items() if f"{prefix}{k}" not in RENAMED_KEYS}
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
@@ -570,8 +658,9 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_config(cfg: Any) -> Config:
-    """Convert a composed Hydra/OmegaConf config (or plain dict) into a validated `Config`."""
+def load_config(cfg: Any, saved: bool = False) -> Config:
+    """Convert a composed Hydra/OmegaConf config (or plain dict) into a validated `Config`.
+    saved: `cfg` is a run's config.yaml, written by the trainer (`upgrade_saved_config`)."""
     try:
         from omegaconf import DictConfig, OmegaConf
         if isinstance(cfg, DictConfig):
@@ -579,6 +668,8 @@ def load_config(cfg: Any) -> Config:
     except ImportError:  # pragma: no cover - hydra is a hard dependency
         pass
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    if saved:
+        cfg = upgrade_saved_config(cfg)
     config = from_dict(Config, cfg)
     config.validate()
     return config
@@ -589,4 +680,11 @@ def register_schemas() -> None:
     recipes/train.yaml lists it first, so every key has its typed default even where no YAML sets
     it, and `python -m train --cfg job` shows every key."""
     from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name="layerskip_titan_schema", node=to_dict(Config()))
+    node = to_dict(Config())
+    for key in RENAMED_KEYS:  # null: a value given for one reaches _refuse_renamed, not Hydra's error
+        *path, name = key.split(".")
+        parent = node
+        for part in path:
+            parent = parent[part]
+        parent[name] = None
+    ConfigStore.instance().store(name="layerskip_titan_schema", node=node)

@@ -35,7 +35,7 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --run must be a run directory written by "
                                 f"`python -m train` (it holds config.yaml and checkpoints/)")
-    return load_config(OmegaConf.load(path))
+    return load_config(OmegaConf.load(path), saved=True)
 
 
 def load_model_weights(checkpoint: Path, cfg: Config) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from parallel.parallelize import wrapper_of
-from train.metrics import MetricsLogger, device_peak_flops, memory_stats, mfu_pct, rank_balance
+from train.metrics import (MetricsLogger, block_key, device_peak_flops, exit_key, memory_stats, mfu_pct,
+                           rank_balance)
 from train.model import flops_per_token
 
 if TYPE_CHECKING:
@@ -75,19 +76,19 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
               **balance, **memory_stats(r.device), **r.data.train_tokens_by_source()}
     if mfu is not None:
         values["throughput/mfu_pct"] = mfu
-    for l, seen in sorted(window.exits.items()):
-        values[f"loss/layer_{l:02d}"] = sum(v for v, _ in seen) / len(seen)
-        values[f"layerskip/exit_weight/layer_{l:02d}"] = sum(w for _, w in seen) / len(seen)
+    for l, seen in sorted(window.exits.items()):  # l: block index; its output is exit E = l + 1
+        values[exit_key("loss", l + 1)] = sum(v for v, _ in seen) / len(seen)
+        values[exit_key("layerskip/exit_weight", l + 1)] = sum(w for _, w in seen) / len(seen)
     if cfg.layerskip.dropout.enabled:
         for l in range(L):
-            values[f"layerskip/drop_fraction/layer_{l:02d}"] = 1.0 - window.kept[l] / window.steps
+            values[block_key("layerskip/drop_fraction", l + 1)] = 1.0 - window.kept[l] / window.steps
     eta = (cfg.train.steps - step) * step_time
     metrics.log(step, values, console=(
         f"step {step:>6}/{cfg.train.steps} | loss {last.losses['total']:.4f} | lr {last.lr:.2e} | "
         f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | "
         f"MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
         f"ranks {balance['balance/fastest_step_s']:.3f}-{balance['balance/slowest_step_s']:.3f}s | "
-        f"exits {sorted(window.exits)} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
+        f"exits E {[l + 1 for l in sorted(window.exits)]} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
 
 
 def throughput_model(r: Run) -> Throughput:

@@ -1,7 +1,11 @@
 """Metrics sinks: console, `metrics.jsonl` and TensorBoard, written by global rank 0 only.
 
-Keys are TensorBoard tags (`loss/total`, `loss/layer_03`, `val/loss/layer_03`, `throughput/tokens_per_s`,
-...). The JSONL file also carries the short aliases other tools rely on: `step`, `loss`, `lr`,
+Keys are TensorBoard tags (`loss/total`, `loss/exit_04`, `val/loss/exit_04`, `throughput/tokens_per_s`,
+...). Exits are named by E, the blocks run (`exit_04`: the output of the 4th block through the
+shared norm + head; `exit_L` is the full model), as everywhere a user reads or types an exit
+(docs/concepts.md); per-block quantities (layer dropout) by the block's number 1..L
+(`block_04` is the block whose output is exit 4). `exit_key` and `block_key` make these names.
+The JSONL file also carries the short aliases other tools rely on: `step`, `loss`, `lr`,
 `tokens_per_s`, and `val/loss` at validation steps. TensorBoard also gets a custom-scalars layout
 (`tensorboard_layout`, the CUSTOM SCALARS tab) overlaying every exit's curve of one quantity.
 """
@@ -11,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -22,17 +27,32 @@ ALIASES = {"loss/total": "loss", "optim/lr": "lr", "throughput/tokens_per_s": "t
            "val/loss/final": "val/loss", "optim/grad_norm": "grad_norm"}
 
 
+def exit_key(prefix: str, exit: int) -> str:
+    """The metric name of exit E = `exit` (blocks run, 1..L), e.g. exit_key("val/loss", 4) ==
+    "val/loss/exit_04"."""
+    return f"{prefix}/exit_{exit:02d}"
+
+
+def block_key(prefix: str, block: int) -> str:
+    """The metric name of the `block`-th block (1..L), e.g. "layerskip/drop_fraction/block_04"."""
+    return f"{prefix}/block_{block:02d}"
+
+
+# What exit_key / block_key write: (prefix, "exit" or "block", number).
+KEY_PATTERN = re.compile(r"^(?P<prefix>.+)/(?P<kind>exit|block)_(?P<number>\d+)$")
+
+
 def tensorboard_layout(n_layers: int) -> dict:
     """TensorBoard custom-scalars layout: every exit's curve of one quantity overlaid in one chart
     (one glance instead of 2L separate charts). Each tag is named exactly (anchored regex)."""
-    def tags(prefix: str) -> list[str]:
-        return [f"^{prefix}/layer_{l:02d}$" for l in range(n_layers)]
+    def tags(prefix: str, key=exit_key) -> list[str]:
+        return [f"^{key(prefix, e)}$" for e in range(1, n_layers + 1)]
     return {"LayerSkip: every exit": {
-        "training loss by exit": ["Multiline", tags("loss")],
-        "validation loss by exit": ["Multiline", tags("val/loss")],
-        "validation top-1 agreement with the final layer": ["Multiline", tags("val/agree")],
-        "layer-dropout rate by block": ["Multiline", tags("layerskip/drop_fraction")],
-        "early-exit loss weight by exit": ["Multiline", tags("layerskip/exit_weight")],
+        "training loss by exit E (blocks run)": ["Multiline", tags("loss")],
+        "validation loss by exit E (blocks run)": ["Multiline", tags("val/loss")],
+        "validation top-1 agreement with the full model": ["Multiline", tags("val/agree")],
+        "layer-dropout rate by block (1..L)": ["Multiline", tags("layerskip/drop_fraction", block_key)],
+        "early-exit loss weight by exit E": ["Multiline", tags("layerskip/exit_weight")],
     }}
 
 

@@ -1,7 +1,7 @@
 """Validation: the held-out loss (and perplexity) of every exit, as the training loop logs it.
 
-`evaluate` is the per-exit computation (one place: the chosen exits, `eval.exits`, and the final
-layer over the held-out batches, averaged over the data-parallel ranks); `validate` runs it at the
+`evaluate` is the per-exit computation (one place: the chosen exits E, `eval.at_exits`, and the
+full model E = L over the held-out batches, averaged over the data-parallel ranks); `validate` runs it at the
 current step for the run's held-out batches (and each mixture source's) and logs the result, or
 stops between two batches when a preemption signal arrived (so the checkpoint is not delayed by a
 whole validation); `validation_due` says when.
@@ -18,7 +18,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.distributed import all_reduce_mean
 from train.config import Config
 from train.layerskip.agreement import scores_fn
-from train.metrics import MetricsLogger
+from train.metrics import MetricsLogger, exit_key
 
 if TYPE_CHECKING:
     from train.trainer import Run
@@ -31,35 +31,37 @@ def loss_context(tp: int):
 
 
 @torch.no_grad()
-def evaluate(model, batches, layers: list[int], chunk_tokens: int, tp: int, dp_group) -> dict[str, float]:
-    """Mean loss (and perplexity) of each of `layers`' exits (block indices; the final layer
-    L - 1 is always added) over the held-out batches and, when there is an early exit, each
-    exit's top-1 agreement with the final layer. Loss and agreement come from the same chunked
-    pass over each exit's logits (train/layerskip/agreement.py)."""
+def evaluate(model, batches, exits: list[int], chunk_tokens: int, tp: int, dp_group) -> dict[str, float]:
+    """Mean loss (and perplexity) of each of `exits`' exits E (blocks run, 1..L; the full model
+    E = L is always added) over the held-out batches and, when there is an early exit, each
+    exit's top-1 agreement with the full model: `val/loss/exit_EE`, `val/ppl/exit_EE`,
+    `val/agree/exit_EE`, and `val/loss/final`. Loss and agreement come from the same chunked pass
+    over each exit's logits (train/layerskip/agreement.py)."""
     was_training = model.training
     model.eval()
-    last = model.n_layers - 1
-    layers = sorted(set(layers) | {last})
-    exits = [l for l in layers if l != last]
-    sums = torch.zeros(2 * len(layers) + 1, dtype=torch.float64)  # mean losses, agreeing tokens, tokens
+    L = model.n_layers
+    exits = sorted(set(exits) | {L})
+    blocks = [e - 1 for e in exits]  # the model captures the output of block l = E - 1
+    early = blocks[:-1]
+    sums = torch.zeros(2 * len(exits) + 1, dtype=torch.float64)  # mean losses, agreeing tokens, tokens
     for inputs, labels in batches:
         with loss_context(tp):
-            out = model(inputs, capture=exits, loss_fn=scores_fn(labels, chunk_tokens, tp_degree=tp))
+            out = model(inputs, capture=early, loss_fn=scores_fn(labels, chunk_tokens, tp_degree=tp))
         valid = out.valid.clamp_min(1).double()
-        sums += torch.stack([out.loss_sum[l].double() / valid for l in layers]
-                            + [out.agree[l].double() for l in layers] + [out.tokens.double()]).cpu()
-    local = {str(l): float(s) / len(batches) for l, s in zip(layers, sums)}
-    local.update({f"agree/{l}": float(a / sums[-1]) for l, a in zip(layers, sums[len(layers):-1])})
+        sums += torch.stack([out.loss_sum[l].double() / valid for l in blocks]
+                            + [out.agree[l].double() for l in blocks] + [out.tokens.double()]).cpu()
+    local = {str(e): float(s) / len(batches) for e, s in zip(exits, sums)}
+    local.update({f"agree/{e}": float(a / sums[-1]) for e, a in zip(exits, sums[len(exits):-1])})
     means = all_reduce_mean(local, dp_group)  # every DP rank counts the same number of tokens
     model.train(was_training)
     result = {}
-    for l in layers:
-        loss = means[str(l)]
-        result[f"val/loss/layer_{l:02d}"] = loss
-        result[f"val/ppl/layer_{l:02d}"] = math.exp(min(loss, 50.0))
-        if exits:
-            result[f"val/agree/layer_{l:02d}"] = means[f"agree/{l}"]
-    result["val/loss/final"] = means[str(last)]
+    for e in exits:
+        loss = means[str(e)]
+        result[exit_key("val/loss", e)] = loss
+        result[exit_key("val/ppl", e)] = math.exp(min(loss, 50.0))
+        if early:
+            result[exit_key("val/agree", e)] = means[f"agree/{e}"]
+    result["val/loss/final"] = means[str(L)]
     return result
 
 
@@ -93,7 +95,7 @@ def validate(r: Run, val_batches: list, metrics: MetricsLogger,
         return _StopBetweenBatches(batches, r.any_rank_signalled)
 
     try:
-        vals = evaluate(r.model, checked(val_batches), r.cfg.eval.layer_list(r.n_layers), chunk, r.dims.tp,
+        vals = evaluate(r.model, checked(val_batches), r.cfg.eval.exit_list(r.n_layers), chunk, r.dims.tp,
                         r.dp_group)
         for name, batches in (source_val or {}).items():
             vals[f"val/loss/source/{name}"] = evaluate(r.model, checked(batches), [], chunk, r.dims.tp,
@@ -102,10 +104,10 @@ def validate(r: Run, val_batches: list, metrics: MetricsLogger,
         r.model.train()
         return None
     if r.is_main:
-        shown = " ".join(f"L{l}={vals[f'val/loss/layer_{l:02d}']:.3f}"
-                         for l in range(r.n_layers) if f"val/loss/layer_{l:02d}" in vals)
-        agree = " ".join(f"L{l}={vals[f'val/agree/layer_{l:02d}']:.2f}"
-                         for l in range(r.n_layers - 1) if f"val/agree/layer_{l:02d}" in vals)
+        exits = range(1, r.n_layers + 1)  # E = blocks run, as in the metric names
+        shown = " ".join(f"E{e}={vals[exit_key('val/loss', e)]:.3f}" for e in exits if exit_key("val/loss", e) in vals)
+        agree = " ".join(f"E{e}={vals[exit_key('val/agree', e)]:.2f}"
+                         for e in exits[:-1] if exit_key("val/agree", e) in vals)
         metrics.log(r.state.step, vals,
                     console=f"step {r.state.step:>6} | val loss {vals['val/loss/final']:.4f} | {shown}"
                             + (f" | top-1 agreement {agree}" if agree else ""))

@@ -29,8 +29,9 @@ except ImportError:  # pragma: no cover - torch without distributed
 
 @dataclass
 class ExitScores:
-    """Sums over one batch, as device tensors (reading them is the only sync): `loss_sum[l]`, the
-    summed cross-entropy of exit l over the valid tokens; `agree[l]`, the tokens whose top-1
+    """Sums over one batch, as device tensors (reading them is the only sync), keyed by the block
+    index l = E - 1 of exit E, as the model captures them: `loss_sum[l]`, the summed
+    cross-entropy of exit E = l + 1 over the valid tokens; `agree[l]`, the tokens whose top-1
     equals the final layer's (all of them for the final layer); `valid`, tokens with a label;
     `tokens`, all tokens."""
     loss_sum: dict[int, torch.Tensor]

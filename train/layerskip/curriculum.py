@@ -1,17 +1,21 @@
-"""Early-exit curriculum C(t, l) and loss weights ẽ(t, l) (LAYERSKIP.md §2).
+"""Early-exit curriculum C(t, E) and loss weights ẽ(t, E) (docs/concepts.md).
 
-Exit l means the output of block l through the model's own final norm and head; the last block
-L-1 is the model's normal output and is always in the loss. The exits a run may use are
-`ExitConfig.layer_list(L)`; the curriculum switches some of them on at each step:
-- rotational, period R: C(t, l) = 1 iff (l - t) mod R = 0;
-- gradual: C(t, l) = 1 iff t >= (L-1-l) · T / (2L) — from the last layer down, all on by T/2;
+Exit E (E = 1..L, blocks run) is the output of the E-th block through the model's own final norm
+and head; E = L is the model's normal output and is always in the loss. The exits a run may use
+are `ExitConfig.exit_list(L)`; the curriculum switches some of them on at each step t:
+- rotational, period R: C(t, E) = 1 iff (E - 1 - t) mod R = 0;
+- gradual: C(t, E) = 1 iff t >= (L - E) · T / (2L) — from the last exit down, all on by T/2;
 - fixed: every listed exit at every step.
 
 Weights of the active exits are normalised to sum to 1:
-- paper: e(l) = e_scale · l(l+1)/2 for l < L-1, e(L-1) = (L-1) + e_scale · Σ_{i=0}^{L-2} i.
-  Note e(0) = 0: exit 0 takes part (its loss is computed for logging) but never gets gradient,
-  exactly as in the paper's formula.
-- uniform: equal weights; linear: proportional to l + 1.
+- paper: e(E) = e_scale · (E-1)E/2 for E < L, e(L) = (L-1) + e_scale · (L-2)(L-1)/2.
+  Note e(1) = 0 (the paper's e(0), its block 0): exit 1 takes part (its loss is computed for
+  logging) but never gets gradient, exactly as in the paper's formula.
+- uniform: equal weights; linear: proportional to E.
+
+Inside, as in the model's `capture` and the loss (`model(..., capture=[l], ...)`), an exit is held
+as the index l = E - 1 of the block whose output it is; `active`, `capture` and `weights` speak
+that index. Only the fingerprint, which an error message may show, speaks E.
 
 Everything is a pure function of the step. The curriculum also keeps a `position` (the next step)
 with `advance()`, and puts it in its state_dict with the settings it depends on, so a resumed run
@@ -26,7 +30,7 @@ from train.config import ExitConfig
 
 
 def exit_scale(layer: int, n_layers: int, e_scale: float) -> float:
-    """The paper's unnormalised e(l)."""
+    """The paper's unnormalised weight of the output of block `layer` (exit E = layer + 1)."""
     if layer < n_layers - 1:
         return e_scale * layer * (layer + 1) / 2
     return (n_layers - 1) + e_scale * (n_layers - 2) * (n_layers - 1) / 2
@@ -41,7 +45,8 @@ class ExitCurriculum:
         self.n_layers = n_layers
         self.total_steps = total_steps
         self.last = n_layers - 1
-        self.layers = cfg.layer_list(n_layers)  # never contains the last layer
+        # Block indices l = E - 1 of the early exits; never the last block (E = L).
+        self.layers = [e - 1 for e in cfg.exit_list(n_layers)]
         self.position = 0
 
     @property
@@ -54,11 +59,12 @@ class ExitCurriculum:
             return (layer - step) % self.cfg.period == 0
         if c == "gradual":
             L, T = self.n_layers, self.total_steps
-            return 2 * L * step >= (L - 1 - layer) * T  # t >= (L-1-l)·T/(2L), in integers
+            return 2 * L * step >= (L - 1 - layer) * T  # t >= (L-E)·T/(2L), in integers
         return True  # fixed
 
     def active(self, step: int) -> list[int]:
-        """Exit layers in the loss at `step`, ascending; always ends with the last layer."""
+        """Block indices (E - 1) of the exits in the loss at `step`, ascending; always ends with
+        the last block (E = L)."""
         return [l for l in self.layers if self._on(l, step)] + [self.last]
 
     def capture(self, step: int) -> list[int]:
@@ -66,7 +72,8 @@ class ExitCurriculum:
         return self.active(step)[:-1]
 
     def weights(self, step: int) -> dict[int, float]:
-        """{exit layer: normalised weight} over the active exits (sums to 1, includes L-1)."""
+        """{block index E - 1: normalised weight} over the active exits (sums to 1, includes the
+        last block)."""
         active = self.active(step)
         w = self.cfg.weighting
         if w == "paper":
@@ -89,7 +96,7 @@ class ExitCurriculum:
     # -- checkpointing
     def fingerprint(self) -> dict:
         """Every setting the schedule depends on."""
-        return {"layers": self.layers, "curriculum": self.cfg.curriculum, "period": self.cfg.period,
+        return {"exits": [l + 1 for l in self.layers], "curriculum": self.cfg.curriculum, "period": self.cfg.period,
                 "e_scale": self.cfg.e_scale, "weighting": self.cfg.weighting,
                 "n_layers": self.n_layers, "total_steps": self.total_steps}
 
@@ -99,7 +106,9 @@ class ExitCurriculum:
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restore the position. A setting that differs from the checkpoint's would change the
         schedule from here on: an error when strict, a warning otherwise (position restored)."""
-        saved, now = state.get("fingerprint", {}), self.fingerprint()
+        saved, now = dict(state.get("fingerprint", {})), self.fingerprint()
+        if "layers" in saved:  # written before exits were counted in blocks run: block l is exit l + 1
+            saved["exits"] = [l + 1 for l in saved.pop("layers")]
         changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
         if changed:
             msg = "early-exit curriculum settings differ from the checkpoint's: " + "; ".join(changed)

@@ -1,4 +1,7 @@
-"""The early-exit loss J = Σ_l w_l · CE(head(norm(h_l)), y), with bounded memory.
+"""The early-exit loss J = Σ_E w_E · CE(head(norm(h_E)), y), with bounded memory.
+
+h_E is the hidden state after E blocks (exit E, docs/concepts.md); as in the model's `capture`,
+the states and weights here are keyed by the index l = E - 1 of the block that produced them.
 
 Every exit shares the model's final norm and output head, so one exit's logits are
 tokens × vocab floats; with several exits (and Llama 3's 128k vocabulary) keeping them all alive
@@ -11,7 +14,7 @@ time, in forward and in backward:
     chunk is dropped right away. grad_x is pushed through the norm immediately. Only grad_h
     (tokens × dim per exit, the size of the activations a recomputing loss would save) and one
     grad_W and grad_norm_weight (shared by all exits) are kept; backward merely scales them. That is
-    the three-GEMM lower bound per exit (ANCHORS.md): no recompute.
+    the three-GEMM lower bound per exit: no recompute.
 (b) checkpointed chunks (DTensor head weight, i.e. tensor parallel, or when forced): each chunk's
     loss runs under torch.utils.checkpoint, so its logits are recomputed in backward, one chunk at a
     time. Works for any head module: here model.unembed is called, so torchtitan's TP plan
@@ -21,7 +24,7 @@ time, in forward and in backward:
     nest (the inner exit would switch off the outer one).
 
 The CE of every exit is a mean over the (non-ignored) tokens of the local batch. Exits with weight
-0 (exit 0 under the paper weighting) are computed forward-only, for logging.
+0 (exit 1, block 0, under the paper weighting) are computed forward-only, for logging.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ except ImportError:  # pragma: no cover - torch without distributed
 @dataclass
 class ExitLoss:
     """What the loss fn returns: `loss` (weighted total, for backward) and `per_layer`
-    ({exit layer: detached mean CE}; device tensors, so reading them is the only sync)."""
+    ({block index E - 1: detached mean CE}; device tensors, so reading them is the only sync)."""
     loss: torch.Tensor
     per_layer: dict[int, torch.Tensor]
 
@@ -205,8 +208,8 @@ def make_exit_loss(labels: torch.Tensor, weights: dict[int, float], chunk_tokens
                    impl: str = "auto") -> Callable[..., ExitLoss]:
     """A loss fn for `model(tokens, capture=[exits except L-1], loss_fn=fn)`.
 
-    labels: [B, S] targets of the local batch (full sequence, also under TP). weights: {exit layer:
-    weight}, usually `ExitCurriculum.weights(step)`; the last layer L-1 uses h_last (weight 0 if
+    labels: [B, S] targets of the local batch (full sequence, also under TP). weights: {block index
+    E - 1: weight}, usually `ExitCurriculum.weights(step)`; the last block L-1 uses h_last (weight 0 if
     absent). chunk_tokens: tokens per chunk of logits. tp_degree: tensor-parallel degree (hidden
     states then hold S / tp positions per rank). impl: auto (fused unless the head weight is a
     DTensor) | fused | checkpoint. Returns fn(model, h_last, {l: h_l}) -> ExitLoss."""
