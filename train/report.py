@@ -4,11 +4,13 @@
 
 One run: one PNG with four panels read from RUN_DIR/metrics.jsonl: the training loss of every
 exit over steps, the validation loss of every exit over steps, the measured layer-dropout rate of
-every layer, and the exit weights over steps (default: RUN_DIR/report.png).
+every block, and the exit weights over steps (default: RUN_DIR/report.png). Exits are numbered E =
+blocks run (1..L, E = L the full model), as in the metric names (`val/loss/exit_04`) and
+everywhere else; blocks 1..L (block E is the one whose output is exit E).
 Several runs (e.g. a LayerSkip run and its `layerskip=none` baseline, as the paper compares):
 one PNG overlaying them: the validation loss of every exit at the last validation (one line per
-run), the validation loss of every exit over steps (colour = exit, line style = run), the final
-layer's training loss over steps, and the exit agreement at the last validation (default:
+run), the validation loss of every exit over steps (colour = exit, line style = run), the full
+model's training loss over steps, and the exit agreement at the last validation (default:
 ./report.png). Both print the last validation of each run as a markdown table.
 
 The figures of `python -m train.decode` (`plot_decode`) and `python -m train.eval_exits`
@@ -29,9 +31,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from train.metrics import KEY_PATTERN, block_key, exit_key  # noqa: E402
+
 _LINESTYLES = ["-", "--", ":", "-."]
 _RUN_COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-_LAYER_KEY = re.compile(r"^(?P<prefix>.+)/layer_(?P<layer>\d+)$")
+# Keys of runs written before exits were counted in blocks run: `.../layer_XX` named block index
+# XX (0..L-1), i.e. exit XX + 1 (or, for the dropout rate, block XX + 1). Read as the new names.
+_OLD_LAYER_KEY = re.compile(r"^(?P<prefix>.+)/layer_(?P<layer>\d+)$")
 
 
 # --------------------------------------------------------------------------- reading a run
@@ -39,7 +45,8 @@ _LAYER_KEY = re.compile(r"^(?P<prefix>.+)/layer_(?P<layer>\d+)$")
 def read_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
     """{step: {key: value}} from RUN_DIR/metrics.jsonl. A step's training and validation records
     are merged; a resumed run rewrites steps, and the last record of a step wins. Non-finite
-    values (written as strings) become NaN."""
+    values (written as strings) become NaN. Old `.../layer_XX` keys are read as the exit (block)
+    XX + 1."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give a run directory written by `python -m train`")
@@ -54,18 +61,29 @@ def read_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
         values = steps.setdefault(int(record["step"]), {})
         for k, v in record.items():
             if k not in ("step", "time"):
-                values[k] = float(v)  # float("nan") / float("inf") for the string forms
+                values[_current_key(k)] = float(v)  # float("nan") / float("inf") for the string forms
     return dict(sorted(steps.items()))
 
 
-def by_layer(metrics: dict[int, dict[str, float]], prefix: str) -> dict[int, tuple[list[int], list[float]]]:
-    """{layer: (steps, values)} of the keys `prefix/layer_XX`, e.g. prefix "val/loss"."""
+def _current_key(key: str) -> str:
+    m = _OLD_LAYER_KEY.match(key)
+    if not m:
+        return key
+    number = int(m["layer"]) + 1
+    if m["prefix"] == "layerskip/drop_fraction":
+        return block_key(m["prefix"], number)
+    return exit_key(m["prefix"], number)
+
+
+def by_exit(metrics: dict[int, dict[str, float]], prefix: str) -> dict[int, tuple[list[int], list[float]]]:
+    """{E: (steps, values)} of the keys `prefix/exit_EE` (exit E, blocks run), e.g. prefix
+    "val/loss"; for per-block keys `prefix/block_BB`, {B: ...} (block B = 1..L)."""
     out: dict[int, tuple[list[int], list[float]]] = {}
     for step, values in metrics.items():
         for k, v in values.items():
-            m = _LAYER_KEY.match(k)
+            m = KEY_PATTERN.match(k)
             if m and m["prefix"] == prefix:
-                xs, ys = out.setdefault(int(m["layer"]), ([], []))
+                xs, ys = out.setdefault(int(m["number"]), ([], []))
                 xs.append(step)
                 ys.append(v)
     return dict(sorted(out.items()))
@@ -81,24 +99,29 @@ def last_validation(metrics: dict[int, dict[str, float]]) -> tuple[int | None, d
 
 # --------------------------------------------------------------------------- drawing helpers
 
-def _exit_colours(layers: list[int], n_layers: int | None = None) -> dict[int, tuple]:
-    top = max(n_layers - 1 if n_layers else 0, max(layers, default=0), 1)
+_EXIT_LABEL = "exit E (blocks run)"
+
+
+def _exit_colours(exits: list[int], n_layers: int | None = None) -> dict[int, tuple]:
+    """Colour of every exit E (1..L): dark for the first, light for the full model."""
+    top = max(n_layers or 0, max(exits, default=0), 2)
     cmap = plt.get_cmap("viridis")
-    return {l: cmap(l / top) for l in layers}
+    return {e: cmap((e - 1) / (top - 1)) for e in exits}
 
 
-def _exit_key(ax, colours: dict[int, tuple], n_layers: int) -> None:
+def _exit_legend(ax, colours: dict[int, tuple], n_layers: int) -> None:
     """Which colour is which exit: a legend for a few exits, a colour bar for many."""
     if len(colours) <= 12:
-        ax.legend(title="exit (block)", fontsize="small", ncol=2 if len(colours) > 6 else 1)
+        ax.legend(title=_EXIT_LABEL, fontsize="small", ncol=2 if len(colours) > 6 else 1)
     else:
-        sm = plt.cm.ScalarMappable(cmap="viridis", norm=mcolors.Normalize(0, max(n_layers - 1, 1)))
-        ax.figure.colorbar(sm, ax=ax, label="exit (block)")
+        sm = plt.cm.ScalarMappable(cmap="viridis", norm=mcolors.Normalize(1, max(n_layers, 2)))
+        ax.figure.colorbar(sm, ax=ax, label=_EXIT_LABEL)
 
 
 def _n_layers(metrics: dict[int, dict[str, float]]) -> int:
-    layers = [int(m["layer"]) for v in metrics.values() for k in v if (m := _LAYER_KEY.match(k))]
-    return max(layers, default=-1) + 1
+    """L: the highest exit or block number in the metrics (the full model is exit L)."""
+    numbers = [int(m["number"]) for v in metrics.values() for k in v if (m := KEY_PATTERN.match(k))]
+    return max(numbers, default=0)
 
 
 def _empty(ax, text: str) -> None:
@@ -133,41 +156,41 @@ def plot_run(run_dir: str | Path, out: str | Path, label: str | None = None) -> 
 
     for ax, prefix, title in ((a_train, "loss", "training loss of every exit (logging windows)"),
                               (a_val, "val/loss", "validation loss of every exit")):
-        series = by_layer(metrics, prefix)
+        series = by_exit(metrics, prefix)
         if not series:
-            _empty(ax, f"no {prefix}/layer_XX in metrics.jsonl")
+            _empty(ax, f"no {prefix}/exit_EE in metrics.jsonl")
             continue
         colours = _exit_colours(list(series), L)
-        for l, (xs, ys) in series.items():
-            ax.plot(xs, ys, color=colours[l], marker="o" if prefix == "val/loss" else None,
-                    markersize=3, label=f"{l}" + (" (final)" if l == L - 1 else ""))
+        for e, (xs, ys) in series.items():
+            ax.plot(xs, ys, color=colours[e], marker="o" if prefix == "val/loss" else None,
+                    markersize=3, label=f"{e}" + (" (full model)" if e == L else ""))
         ax.set(title=title, xlabel="step", ylabel="cross-entropy (nats)")
         ax.grid(alpha=0.3)
-        _exit_key(ax, colours, L)
+        _exit_legend(ax, colours, L)
 
-    drops = by_layer(metrics, "layerskip/drop_fraction")
+    drops = by_exit(metrics, "layerskip/drop_fraction")
     if drops:
-        layers = list(drops)
+        blocks = list(drops)
         means = [sum(ys) / len(ys) for _, ys in drops.values()]
         finals = [ys[-1] for _, ys in drops.values()]
-        a_drop.bar(layers, means, color="tab:blue", alpha=0.8, label="mean over the run")
-        a_drop.plot(layers, finals, "o", color="tab:red", label="last logging window")
-        a_drop.set(title="layer dropout: share of samples that skipped each block", xlabel="block",
-                   ylabel="drop rate", xticks=layers)
+        a_drop.bar(blocks, means, color="tab:blue", alpha=0.8, label="mean over the run")
+        a_drop.plot(blocks, finals, "o", color="tab:red", label="last logging window")
+        a_drop.set(title="layer dropout: share of samples that skipped each block",
+                   xlabel="block (1..L; its output is exit E = block)", ylabel="drop rate", xticks=blocks)
         a_drop.legend(fontsize="small")
         a_drop.grid(alpha=0.3, axis="y")
     else:
         _empty(a_drop, "no layer dropout in this run")
 
-    weights = by_layer(metrics, "layerskip/exit_weight")
+    weights = by_exit(metrics, "layerskip/exit_weight")
     if len(weights) > 1:
         colours = _exit_colours(list(weights), L)
-        for l, (xs, ys) in weights.items():
-            a_weight.plot(xs, ys, color=colours[l], label=f"{l}")
+        for e, (xs, ys) in weights.items():
+            a_weight.plot(xs, ys, color=colours[e], label=f"{e}")
         a_weight.set(title="early-exit loss weight of every exit (window means)", xlabel="step",
                      ylabel="normalised weight")
         a_weight.grid(alpha=0.3)
-        _exit_key(a_weight, colours, L)
+        _exit_legend(a_weight, colours, L)
     else:
         _empty(a_weight, "no early-exit loss in this run (final layer only)")
     fig.tight_layout()
@@ -184,30 +207,31 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     (a_end, a_val), (a_train, a_agree) = axes
     fig.suptitle("runs compared: " + " vs ".join(labels))
     L_all = max(_n_layers(m) for m in runs)
-    colours = _exit_colours(list(range(L_all)), L_all)
+    colours = _exit_colours(list(range(1, L_all + 1)), L_all)
     any_agree = False
     for i, (metrics, label) in enumerate(zip(runs, labels)):
         c, ls = _RUN_COLOURS[i % len(_RUN_COLOURS)], _LINESTYLES[i % len(_LINESTYLES)]
         L = _n_layers(metrics)
         step, last = last_validation(metrics)
-        exits = sorted(int(m["layer"]) for k in last if (m := _LAYER_KEY.match(k)) and m["prefix"] == "val/loss")
+        exits = sorted(int(m["number"]) for k in last
+                       if (m := KEY_PATTERN.match(k)) and m["prefix"] == "val/loss" and m["kind"] == "exit")
         if exits:
-            a_end.plot(exits, [last[f"val/loss/layer_{l:02d}"] for l in exits], marker="o", color=c,
+            a_end.plot(exits, [last[exit_key("val/loss", e)] for e in exits], marker="o", color=c,
                        linestyle=ls, label=f"{label} (step {step})")
-        for l, (xs, ys) in by_layer(metrics, "val/loss").items():
-            a_val.plot(xs, ys, color=colours[l], linestyle=ls, marker=".", markersize=3)
-        train = by_layer(metrics, "loss").get(L - 1)
+        for e, (xs, ys) in by_exit(metrics, "val/loss").items():
+            a_val.plot(xs, ys, color=colours[e], linestyle=ls, marker=".", markersize=3)
+        train = by_exit(metrics, "loss").get(L)
         if train:
             a_train.plot(*train, color=c, linestyle=ls, label=label)
-        agree = [l for l in exits if f"val/agree/layer_{l:02d}" in last]
+        agree = [e for e in exits if exit_key("val/agree", e) in last]
         if agree:
             any_agree = True
-            a_agree.plot(agree, [last[f"val/agree/layer_{l:02d}"] for l in agree], marker="o", color=c,
+            a_agree.plot(agree, [last[exit_key("val/agree", e)] for e in agree], marker="o", color=c,
                          linestyle=ls, label=label)
-    a_end.set(title="validation loss of every exit, last validation", xlabel="exit (block)",
+    a_end.set(title="validation loss of every exit, last validation", xlabel=_EXIT_LABEL,
               ylabel="cross-entropy (nats)")
     a_val.set(title="validation loss of every exit over steps", xlabel="step", ylabel="cross-entropy (nats)")
-    a_train.set(title="final layer's training loss", xlabel="step", ylabel="cross-entropy (nats)")
+    a_train.set(title="full model's training loss (exit E = L)", xlabel="step", ylabel="cross-entropy (nats)")
     for ax in (a_end, a_agree):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # exits are whole blocks
     for ax in (a_end, a_train):
@@ -219,38 +243,39 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     handles = [plt.Line2D([], [], color="black", linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=label)
                for i, label in enumerate(labels)]
     if L_all <= 12:
-        handles += [plt.Line2D([], [], color=colours[l], label=f"exit {l}") for l in range(L_all)]
+        handles += [plt.Line2D([], [], color=colours[e], label=f"exit {e}") for e in range(1, L_all + 1)]
         a_val.legend(handles=handles, fontsize="x-small", ncol=2)
     else:
         a_val.legend(handles=handles, fontsize="small")
-        sm = plt.cm.ScalarMappable(cmap="viridis", norm=mcolors.Normalize(0, L_all - 1))
-        fig.colorbar(sm, ax=a_val, label="exit (block)")
+        sm = plt.cm.ScalarMappable(cmap="viridis", norm=mcolors.Normalize(1, max(L_all, 2)))
+        fig.colorbar(sm, ax=a_val, label=_EXIT_LABEL)
     if any_agree:
-        a_agree.set(title="exit agreement with the final layer's top-1, last validation",
-                    xlabel="exit (block)", ylabel="share of tokens", ylim=(0, 1.02))
+        a_agree.set(title="exit agreement with the full model's top-1, last validation",
+                    xlabel=_EXIT_LABEL, ylabel="share of tokens", ylim=(0, 1.02))
         a_agree.grid(alpha=0.3)
         a_agree.legend(fontsize="small")
     else:
-        _empty(a_agree, "no val/agree/layer_XX in these runs")
+        _empty(a_agree, "no val/agree/exit_EE in these runs")
     fig.tight_layout()
     return _save(fig, out)
 
 
 def markdown_table(run_dirs: list[str | Path], labels: list[str]) -> str:
-    """The last validation loss of every exit of each run (and agreement where logged)."""
+    """The last validation loss of every exit E = 1..L of each run (and agreement where logged)."""
     rows, L = [], 0
     for run_dir, label in zip(run_dirs, labels):
         step, last = last_validation(read_metrics(run_dir))
         L = max(L, _n_layers({0: last}))
         rows.append((label, step, last))
-    head = "| run | step | " + " | ".join(f"exit {l}" for l in range(L)) + " |"
+    exits = range(1, L + 1)
+    head = "| run | step | " + " | ".join(f"exit {e}" for e in exits) + " |"
     lines = [head, "|" + "---|" * (L + 2)]
     for label, step, last in rows:
         cell = lambda k: f"{last[k]:.3f}" if k in last and math.isfinite(last[k]) else ""  # noqa: E731
-        lines.append(f"| {label} val loss | {step} | " + " | ".join(cell(f"val/loss/layer_{l:02d}") for l in range(L)) + " |")
-        if any(f"val/agree/layer_{l:02d}" in last for l in range(L)):
+        lines.append(f"| {label} val loss | {step} | " + " | ".join(cell(exit_key("val/loss", e)) for e in exits) + " |")
+        if any(exit_key("val/agree", e) in last for e in exits):
             lines.append(f"| {label} agreement | {step} | "
-                         + " | ".join(cell(f"val/agree/layer_{l:02d}") for l in range(L)) + " |")
+                         + " | ".join(cell(exit_key("val/agree", e)) for e in exits) + " |")
     return "\n".join(lines)
 
 

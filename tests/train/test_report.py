@@ -6,29 +6,31 @@ from pathlib import Path
 
 import pytest
 
-from train.metrics import MetricsLogger
+from train.metrics import MetricsLogger, block_key, exit_key
 
 L = 3
 
 
 def _fake_run(run_dir: Path, layerskip: bool, tensorboard: bool = False) -> Path:
     """A run directory as the trainer writes it: training windows every 5 steps, validation every
-    10, with (layerskip) rotating exits, their weights and drop fractions; else the final layer only."""
+    10, with (layerskip) rotating exits, their weights and drop fractions; else the full model only.
+    Exits E = 1..L (blocks run), blocks 1..L."""
     m = MetricsLogger(run_dir, enabled=True, tensorboard=tensorboard, n_layers=L)
     for step in range(0, 21, 5):
         if step:
-            values = {"loss/total": 6.0 - 0.1 * step, f"loss/layer_{L - 1:02d}": 6.0 - 0.1 * step}
+            values = {"loss/total": 6.0 - 0.1 * step, exit_key("loss", L): 6.0 - 0.1 * step}
             if layerskip:
-                exit_layer = (step // 5) % (L - 1)
-                values[f"loss/layer_{exit_layer:02d}"] = 7.0 - 0.1 * step
-                values[f"layerskip/exit_weight/layer_{exit_layer:02d}"] = 0.25
-                values[f"layerskip/exit_weight/layer_{L - 1:02d}"] = 0.75
-                values.update({f"layerskip/drop_fraction/layer_{l:02d}": 0.05 * l for l in range(L)})
+                early = 1 + (step // 5) % (L - 1)
+                values[exit_key("loss", early)] = 7.0 - 0.1 * step
+                values[exit_key("layerskip/exit_weight", early)] = 0.25
+                values[exit_key("layerskip/exit_weight", L)] = 0.75
+                values.update({block_key("layerskip/drop_fraction", b): 0.05 * b for b in range(1, L + 1)})
             m.log(step, values)
         if step % 10 == 0:
-            vals = {f"val/loss/layer_{l:02d}": 7.0 - 0.1 * step - (l if layerskip else 0.2 * l) for l in range(L)}
-            vals.update({f"val/agree/layer_{l:02d}": (l + 1) / L for l in range(L)})
-            vals["val/loss/final"] = vals[f"val/loss/layer_{L - 1:02d}"]
+            vals = {exit_key("val/loss", e): 7.0 - 0.1 * step - ((e - 1) if layerskip else 0.2 * (e - 1))
+                    for e in range(1, L + 1)}
+            vals.update({exit_key("val/agree", e): e / L for e in range(1, L + 1)})
+            vals["val/loss/final"] = vals[exit_key("val/loss", L)]
             m.log(step, vals)
     m.close()
     return run_dir
@@ -46,12 +48,13 @@ def test_report_of_one_run_and_of_runs_overlaid(tmp_path, capsys):
     layerskip = _fake_run(tmp_path / "layerskip", layerskip=True)
     baseline = _fake_run(tmp_path / "baseline", layerskip=False)
     metrics = read_metrics(layerskip)
-    assert metrics[10]["loss/total"] == 5.0 and metrics[10]["val/loss/layer_02"] == 4.0  # records merged
+    assert metrics[10]["loss/total"] == 5.0 and metrics[10]["val/loss/exit_03"] == 4.0  # records merged
 
     out = main([str(layerskip)])
     assert out == layerskip / "report.png"
     _is_png(out, 800)
     table = capsys.readouterr().out
+    assert "| run | step | exit 1 | exit 2 | exit 3 |" in table  # exits E = 1..L
     assert "| layerskip val loss | 20 | 5.000 | 4.000 | 3.000 |" in table
 
     both = main([str(layerskip), str(baseline), "--labels", "LayerSkip,baseline", "--out", str(tmp_path / "cmp.png")])
@@ -65,6 +68,19 @@ def test_report_of_one_run_and_of_runs_overlaid(tmp_path, capsys):
         main([str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="--labels"):
         main([str(layerskip), str(baseline), "--labels", "one"])
+
+
+def test_old_metric_names_are_read_as_exits(tmp_path):
+    """A run written when `.../layer_XX` named block index XX: read as exit (block) XX + 1."""
+    from train.report import by_exit, markdown_table, read_metrics
+    m = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    m.log(5, {"loss/layer_00": 7.0, "loss/layer_02": 6.0, "layerskip/drop_fraction/layer_02": 0.1})
+    m.log(10, {"val/loss/layer_00": 5.0, "val/loss/layer_01": 4.0, "val/loss/layer_02": 3.0})
+    m.close()
+    metrics = read_metrics(tmp_path)
+    assert metrics[5] == {"loss/exit_01": 7.0, "loss/exit_03": 6.0, "layerskip/drop_fraction/block_03": 0.1}
+    assert by_exit(metrics, "val/loss") == {1: ([10], [5.0]), 2: ([10], [4.0]), 3: ([10], [3.0])}
+    assert "| old val loss | 10 | 5.000 | 4.000 | 3.000 |" in markdown_table([tmp_path], ["old"])
 
 
 def test_tensorboard_layout_overlays_every_exit(tmp_path):
@@ -81,11 +97,15 @@ def test_tensorboard_layout_overlays_every_exit(tmp_path):
                     scalars.add(v.tag)
     assert len(layouts) == 1
     charts = {c.title: list(c.multiline.tag) for cat in layouts[0].category for c in cat.chart}
-    for title, prefix in (("training loss by exit", "loss"), ("validation loss by exit", "val/loss"),
-                          ("validation top-1 agreement with the final layer", "val/agree")):
-        assert charts[title] == [f"^{prefix}/layer_{l:02d}$" for l in range(L)]
+    for title, prefix in (("training loss by exit E (blocks run)", "loss"),
+                          ("validation loss by exit E (blocks run)", "val/loss"),
+                          ("validation top-1 agreement with the full model", "val/agree")):
+        assert charts[title] == [f"^{prefix}/exit_{e:02d}$" for e in range(1, L + 1)]
+    assert charts["layer-dropout rate by block (1..L)"] == [
+        f"^layerskip/drop_fraction/block_{b:02d}$" for b in range(1, L + 1)]
     # every exit's logged tag is matched by exactly one pattern of its chart
     import re
+    assert {"loss/exit_01", "val/loss/exit_03", "layerskip/drop_fraction/block_01"} <= scalars
     for tag in scalars:
-        if re.fullmatch(r"(val/)?loss/layer_\d\d", tag):
+        if re.fullmatch(r"(val/)?loss/exit_\d\d|layerskip/drop_fraction/block_\d\d", tag):
             assert sum(bool(re.search(p, tag)) for tags in charts.values() for p in tags) == 1, tag
