@@ -1,6 +1,7 @@
 """Every recipe composes and validates; command-line overrides reach the typed config; bad values
 fail early naming the key."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -50,11 +51,11 @@ def test_paper_presets_have_the_papers_shapes():
 
 def test_cli_overrides_reach_typed_config():
     cfg = _compose(["layerskip.dropout.p_max=0.2", "layerskip.exit.curriculum=rotational",
-                    "layerskip.exit.layers=0::4", "train.steps=7", "checkpoint.async=true", "model=llama2_7b"])
+                    "layerskip.exit.exits=4::4", "train.steps=7", "checkpoint.async=true", "model=llama2_7b"])
     assert cfg.layerskip.dropout.p_max == 0.2 and cfg.train.steps == 7
     assert cfg.checkpoint.async_save is True
     assert cfg.model.name == "llama2_7b"  # the command line beats the experiment's choice
-    assert cfg.layerskip.exit.layer_list(cfg.model.n_layers) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert cfg.layerskip.exit.exit_list(cfg.model.n_layers) == [4, 8, 12, 16, 20, 24, 28]  # E = 32: always
 
 
 @pytest.mark.parametrize("override,key", [
@@ -64,7 +65,8 @@ def test_cli_overrides_reach_typed_config():
     ("layerskip.dropout.p_max=1.5", "layerskip.dropout.p_max"),
     ("layerskip.exit.e_scale=2", "layerskip.exit.e_scale"),
     ("layerskip.exit.period=0", "layerskip.exit.period"),
-    ("layerskip.exit.layers=[99]", "layerskip.exit.layers"),
+    ("layerskip.exit.exits=[99]", "layerskip.exit.exits"),
+    ("layerskip.exit.exits=[0]", "layerskip.exit.exits"),  # exits count blocks run: 1..L
     ("layerskip.dropout.depth=cubic", "layerskip.dropout.depth"),
     ("parallel.ac=some", "parallel.ac"),
     ("train.steps=abc", "train.steps"),
@@ -75,6 +77,28 @@ def test_cli_overrides_reach_typed_config():
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _compose([override])
+
+
+@pytest.mark.parametrize("override,new,shifted", [
+    ("layerskip.exit.layers=0::4", "layerskip.exit.exits", "'1::4'"),
+    ("layerskip.exit.layers=[3,-1]", "layerskip.exit.exits", "[4,-1]"),
+    ("eval.exits=[3]", "eval.at_exits", "[4]"),
+    ("eval.exits=2:6", "eval.at_exits", "'3:7'"),
+])
+def test_settings_that_counted_block_indices_are_refused(override, new, shifted):
+    """Exits are counted in blocks run (E = 1..L): the old keys, whose digits named the exit one
+    block earlier, are refused with the new key and the +1 shift, never reinterpreted."""
+    old = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{old} was renamed {new}.*E = block index \+ 1.*"
+                                          rf"is {new}={re.escape(shifted)}"):
+        _compose([override])
+    from train.config import Config, from_dict
+    section, *path = old.split(".")
+    data = {path[-1]: override.split("=")[1]}
+    for part in reversed([section, *path[:-1]]):
+        data = {part: data}
+    with pytest.raises(ConfigError, match=rf"{old} was renamed {new}"):  # in a YAML file as well
+        from_dict(Config, data)
 
 
 def test_unknown_key_is_rejected_with_suggestion():
@@ -90,9 +114,9 @@ def test_layerskip_none_is_plain_pretraining_under_every_experiment(experiment):
     base = [f"experiment={experiment}", "data.source=/some/corpus"]
     with_layerskip, baseline = _compose(base), _compose([*base, "layerskip=none"])
     n_layers = with_layerskip.model.n_layers or 8  # model=hf: the depth is read at start-up
-    assert with_layerskip.layerskip.dropout.enabled and with_layerskip.layerskip.exit.layer_list(n_layers)
+    assert with_layerskip.layerskip.dropout.enabled and with_layerskip.layerskip.exit.exit_list(n_layers)
     assert not baseline.layerskip.dropout.enabled
-    assert baseline.layerskip.exit.layer_list(n_layers) == []
+    assert baseline.layerskip.exit.exit_list(n_layers) == []
     assert (baseline.model, baseline.optim, baseline.train) == (with_layerskip.model, with_layerskip.optim,
                                                                 with_layerskip.train)
 
@@ -122,8 +146,8 @@ def test_quickstart_with_layerskip_none_logs_no_dropout_and_no_exit_loss(tmp_pat
     assert [r["step"] for r in train] == [2, 4]
     for record in train:
         assert not [k for k in record if k.startswith("layerskip/drop_fraction/")], record
-        assert [k for k in record if k.startswith("loss/layer_")] == ["loss/layer_02"]
-        assert record["layerskip/exit_weight/layer_02"] == 1.0
+        assert [k for k in record if k.startswith("loss/exit_")] == ["loss/exit_03"]  # E = L = 3 only
+        assert record["layerskip/exit_weight/exit_03"] == 1.0
         assert record["layerskip/saved_block_compute"] == 0.0
 
 
@@ -136,7 +160,7 @@ def test_continual_smollm2_is_the_papers_llama3_recipe_on_a_hub_id():
     assert cfg.model.unset_shape_keys  # read from the checkpoint at start-up
     ls = cfg.layerskip
     assert (ls.dropout.p_max, ls.exit.e_scale, ls.exit.curriculum, ls.exit.period) == (0.1, 0.1, "rotational", 8)
-    assert ls.exit.layer_list(30) == list(range(29)) and cfg.parallel.compile
+    assert ls.exit.exit_list(30) == list(range(1, 30)) and cfg.parallel.compile
     cpu = _compose(["experiment=continual_smollm2_135m", "model.init_from=/models/smollm2", "data=stdlib",
                     "data.seq_len=256", "data.batch_size=2", "parallel=default", "train.steps=60"])
     assert cpu.layerskip == ls and not cpu.parallel.compile and cpu.data.source == "stdlib"

@@ -274,8 +274,10 @@ def parse_exits(spec: Any, n_layers: int, key: str) -> list[int]:
         except (ValueError, TypeError):
             raise ConfigError(
                 f"{key}: {spec!r} is not a slice string like '1:' or '4::4' (exits E = 1..L)") from None
-    else:
+    elif isinstance(spec, (list, tuple)):
         idx = list(spec)
+    else:  # one exit, e.g. `eval.at_exits=4` (Hydra gives an integer)
+        idx = [spec]
     out = []
     for i in idx:
         if not isinstance(i, int) or isinstance(i, bool):
@@ -306,7 +308,7 @@ def _as_exits(spec: Any) -> str | None:
         return None
     if isinstance(spec, (list, tuple)):
         return "[" + ",".join(str(shift(i)) for i in spec) + "]"
-    return None
+    return str(shift(spec)) if isinstance(spec, int) and not isinstance(spec, bool) else None
 
 
 # Settings that counted exits as block indices (0..L-1) and were renamed when exits became E =
@@ -322,7 +324,7 @@ def _blocks_of_old_setting(spec: Any, n_layers: int) -> list[int]:
         parts = [int(p) if p.strip() else None for p in spec.split(":")]
         idx = [parts[0]] if len(parts) == 1 else list(range(n_layers))[slice(*parts)]
     else:
-        idx = list(spec)
+        idx = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     return sorted({i + n_layers if i < 0 else i for i in idx})
 
 

@@ -1,5 +1,5 @@
-"""Validation of exits (val/loss/layer_XX, val/agree/layer_XX): the chunked one-pass loss and
-top-1 comparison == a direct computation on full logits; eval.exits picks the exits."""
+"""Validation of exits (val/loss/exit_EE, val/agree/exit_EE, E = blocks run): the chunked one-pass
+loss and top-1 comparison == a direct computation on full logits; eval.at_exits picks the exits."""
 from __future__ import annotations
 
 import pytest
@@ -46,40 +46,45 @@ def test_chunked_scores_equal_direct_computation():
 
 
 def test_validation_logs_agreement_of_every_exit():
-    """The trainer's validation (one process): val/agree/layer_XX over several batches equals the
-    direct computation over the same batches, and is 1.0 for the last layer."""
+    """The trainer's validation (one process): val/agree/exit_EE over several batches equals the
+    direct computation over the same batches (exit E is the output of block E - 1), and is 1.0 for
+    the full model E = L."""
     from train.validation import evaluate
     model = random_model(CFG)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, CFG.vocab_size, (2, 16), generator=gen),) * 2 for _ in range(3)]
-    vals = evaluate(model, batches, list(range(CFG.n_layers)), chunk_tokens=5, tp=1, dp_group=None)
+    L = CFG.n_layers
+    vals = evaluate(model, batches, list(range(1, L + 1)), chunk_tokens=5, tp=1, dp_group=None)
     direct = [_direct(model, inputs) for inputs, _ in batches]
-    for l in range(CFG.n_layers):
-        assert vals[f"val/agree/layer_{l:02d}"] == pytest.approx(sum(d[l] for d in direct) / len(direct), abs=1e-12)
-    assert vals[f"val/agree/layer_{CFG.n_layers - 1:02d}"] == 1.0
+    for e in range(1, L + 1):
+        assert vals[f"val/agree/exit_{e:02d}"] == pytest.approx(sum(d[e - 1] for d in direct) / len(direct), abs=1e-12)
+    assert vals[f"val/agree/exit_{L:02d}"] == 1.0
     only_final = evaluate(model, batches, [], chunk_tokens=5, tp=1, dp_group=None)
     assert not [k for k in only_final if k.startswith("val/agree/")]
-    assert only_final["val/loss/final"] == vals["val/loss/final"] == vals[f"val/loss/layer_{CFG.n_layers - 1:02d}"]
-    some = evaluate(model, batches, [0, 2], chunk_tokens=5, tp=1, dp_group=None)  # + the final layer
-    assert sorted(k for k in some if k.startswith("val/loss/layer_")) == [
-        "val/loss/layer_00", "val/loss/layer_02", "val/loss/layer_03"]
+    assert only_final["val/loss/final"] == vals["val/loss/final"] == vals[f"val/loss/exit_{L:02d}"]
+    some = evaluate(model, batches, [1, 3], chunk_tokens=5, tp=1, dp_group=None)  # + the full model
+    assert sorted(k for k in some if k.startswith("val/loss/exit_")) == [
+        "val/loss/exit_01", "val/loss/exit_03", "val/loss/exit_04"]
     for k, v in some.items():
         assert v == pytest.approx(vals[k], rel=1e-6), k
 
 
-def test_eval_exits_setting():
-    """eval.exits takes layerskip.exit.layers' form; the final layer is always validated."""
+def test_eval_at_exits_setting():
+    """eval.at_exits takes layerskip.exit.exits' form (exits E = blocks run, 1..L); the full model
+    E = L is always validated."""
     from tests._launch import compose_config
     base = ["model=tiny", "model.n_layers=8"]
-    assert compose_config(base).eval.layer_list(8) == list(range(8))
-    assert compose_config([*base, "eval.exits=0::4"]).eval.layer_list(8) == [0, 4, 7]
-    assert compose_config([*base, "eval.exits=[1,-2]"]).eval.layer_list(8) == [1, 6, 7]
-    assert compose_config([*base, "eval.exits=[]"]).eval.layer_list(8) == [7]
-    assert compose_config([*base, "eval.exits=0::4", "eval.per_layer=false"]).eval.layer_list(8) == [7]
-    with pytest.raises(ConfigError, match=r"eval\.exits: layer 9 is out of range for 8 layers"):
-        compose_config([*base, "eval.exits=[9]"])
-    with pytest.raises(ConfigError, match=r"eval\.exits: 'a:b' is not a slice string"):
-        compose_config([*base, "eval.exits=a:b"])
+    assert compose_config(base).eval.exit_list(8) == list(range(1, 9))
+    assert compose_config([*base, "eval.at_exits=4::4"]).eval.exit_list(8) == [4, 8]
+    assert compose_config([*base, "eval.at_exits=::3"]).eval.exit_list(8) == [3, 6, 8]  # 0 runs no block
+    assert compose_config([*base, "eval.at_exits=[1,-2]"]).eval.exit_list(8) == [1, 7, 8]
+    assert compose_config([*base, "eval.at_exits=[]"]).eval.exit_list(8) == [8]
+    assert compose_config([*base, "eval.at_exits=1::4", "eval.per_layer=false"]).eval.exit_list(8) == [8]
+    for bad in ("[9]", "[0]", "0"):
+        with pytest.raises(ConfigError, match=r"eval\.at_exits: exit (9|0) is out of range: exits count blocks run, 1\.\.8"):
+            compose_config([*base, f"eval.at_exits={bad}"])
+    with pytest.raises(ConfigError, match=r"eval\.at_exits: 'a:b' is not a slice string"):
+        compose_config([*base, "eval.at_exits=a:b"])
 
 
 def _tp_worker(rank: int, world: int, state_dict: dict, batches: list) -> dict:
@@ -94,7 +99,7 @@ def _tp_worker(rank: int, world: int, state_dict: dict, batches: list) -> dict:
     model = parallelize(build_model(CFG), dims, pcfg, param_dtype=torch.float32, reduce_dtype=torch.float32)
     init_model(model, "cpu", 0)
     load_full_state_dict(model, state_dict if rank == 0 else None)
-    return evaluate(model, batches, list(range(CFG.n_layers)), chunk_tokens=5, tp=2, dp_group=dims.dp_mesh.get_group())
+    return evaluate(model, batches, list(range(1, CFG.n_layers + 1)), chunk_tokens=5, tp=2, dp_group=dims.dp_mesh.get_group())
 
 
 def test_validation_under_tensor_parallel_equals_one_process():
@@ -106,7 +111,7 @@ def test_validation_under_tensor_parallel_equals_one_process():
     gen = torch.Generator().manual_seed(2)
     batches = [(torch.randint(0, CFG.vocab_size, (2, 16), generator=gen),
                 torch.randint(0, CFG.vocab_size, (2, 16), generator=gen)) for _ in range(2)]
-    want = evaluate(model, batches, list(range(CFG.n_layers)), chunk_tokens=5, tp=1, dp_group=None)
+    want = evaluate(model, batches, list(range(1, CFG.n_layers + 1)), chunk_tokens=5, tp=1, dp_group=None)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     for got in run_distributed(_tp_worker, 2, args=(sd, batches), timeout_s=120):
         assert got.keys() == want.keys()
