@@ -149,7 +149,7 @@ OURS=("${TRAIN[@]}" "${MODEL[@]}" data.source=stdlib data.max_chars=$MAX_CHARS
 ESTIMATE=("${TRAIN[@]}" "${MODEL[@]}" data.seq_len=$SEQ data.batch_size=$LBS layerskip=none
           parallel.ac=selective parallel.dry_run=1 parallel.dry_run_json="$WORK/estimate.json")
 
-PAPER=(layerskip=continual layerskip.dropout.p_max=0.1 layerskip.exit.layers="0:"
+PAPER=(layerskip=continual layerskip.dropout.p_max=0.1 layerskip.exit.exits="1:"
        layerskip.exit.curriculum=rotational layerskip.exit.period=8 layerskip.exit.e_scale=0.1)
 
 say "mode: $([ $DRY = 1 ] && echo 'DRY RUN on CPU (tiny shapes; not a measurement)' || echo GPU); python $PY; budget ${BUDGET_S}s"

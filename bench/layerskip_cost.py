@@ -7,7 +7,7 @@ Cases, all on the same model, weights and batch:
   blocks' share of model FLOPs), the measured saving and realised / ideal (target >= 80 %);
 - final_fused: the final layer's loss through the fused chunked exit loss, no early exits: the
   reference the exit cases are measured against (same loss path, only the exits differ);
-- exit_rot4 / exit_all: early exits at blocks 0..L-2, rotational R=4 / all at every step, uniform
+- exit_rot4 / exit_all: early exits E = 1..L-1 (blocks run), rotational R=4 / all at every step, uniform
   weights (so every exit does the full three-GEMM work), fused chunked loss. Reported: time per
   exit against the three-GEMM floor measured on the same device, and peak memory vs base
   (target <= 1.05x).
@@ -69,7 +69,7 @@ PRESETS = {
 class Case:
     name: str
     p_max: float = 0.0
-    exits: str | None = None  # None: plain loss; "": fused loss, final layer only; else ExitConfig.layers
+    exits: str | None = None  # None: plain loss; "": fused loss, final layer only; else ExitConfig.exits (E)
     curriculum: str = "fixed"
     period: int = 4
 
@@ -80,8 +80,8 @@ CASES = [
     Case("drop_p0.2", p_max=0.2),
     Case("drop_p0.5", p_max=0.5),
     Case("final_fused", exits=""),
-    Case("exit_rot4", exits="0:", curriculum="rotational", period=4),
-    Case("exit_all", exits="0:", curriculum="fixed"),
+    Case("exit_rot4", exits="1:", curriculum="rotational", period=4),
+    Case("exit_all", exits="1:", curriculum="fixed"),
 ]
 
 
@@ -144,7 +144,7 @@ def make_step(case: Case, model: LayerSkipLlama, inputs: torch.Tensor, labels: t
     drop = LayerDropout(DropoutConfig(p_max=case.p_max), n_layers, total_steps, seed=0) if case.p_max else None
     curriculum = None
     if case.exits:
-        curriculum = ExitCurriculum(ExitConfig(layers=case.exits, curriculum=case.curriculum, period=case.period,
+        curriculum = ExitCurriculum(ExitConfig(exits=case.exits, curriculum=case.curriculum, period=case.period,
                                                weighting="uniform", chunk_tokens=chunk), n_layers, total_steps)
 
     def step(t: int) -> tuple[float, int]:

@@ -82,7 +82,8 @@ def validations(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def by_exit(v: dict[str, float], key: str, L: int) -> list[float | None]:
-    return [v.get(f"val/{key}/layer_{l:02d}") for l in range(L)]
+    """The validation `key` of every exit; item E - 1 is exit E (blocks run, 1..L)."""
+    return [v.get(f"val/{key}/exit_{e:02d}") for e in range(1, L + 1)]
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -145,7 +146,7 @@ def estimate(ls_vals: dict[int, dict], step_tokens: int, L: int, dim: int, vocab
                     f"targets: any speedup on this CPU, {GPU_TARGET}x on a GPU",
            "verify_factor_cpu": factor, "exits": {}}
     for E in exits:
-        agree = {s: ls_vals[s].get(f"val/agree/layer_{E - 1:02d}") for s in sorted(ls_vals)}
+        agree = {s: ls_vals[s].get(f"val/agree/exit_{E:02d}") for s in sorted(ls_vals)}
         pts = [(math.log(s * step_tokens), agree[s]) for s in steps if agree[s] is not None]
         fit = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1) if len(pts) >= 2 else None
         row = {"agreement_by_step": agree}
@@ -175,13 +176,13 @@ def plot(summary: dict, out: Path) -> None:
     (a_loss, a_agree), (a_acc, a_dec) = axes
     fig.suptitle(f"SmolLM2-135M, continual pretraining on this CPU: {summary['steps']} steps x "
                  f"{summary['step_tokens']} tokens ({summary['date']})")
-    xs = list(range(L))
+    xs = list(range(1, L + 1))  # exits E
     for key, v in summary["validation"].items():
         style = {"before": ("black", ":"), "layerskip": ("C0", "-"), "baseline": ("C1", "--")}[key.split("@")[0]]
         a_loss.plot(xs, v["loss"], color=style[0], linestyle=style[1], marker=".", label=v["label"])
         a_agree.plot(xs[:-1], v["agree"][:-1], color=style[0], linestyle=style[1], marker=".", label=v["label"])
-    a_loss.set(title="validation loss of every exit", xlabel="exit (block)", ylabel="cross-entropy (nats)")
-    a_agree.set(title="top-1 agreement with the final layer", xlabel="exit (block)", ylabel="share of tokens",
+    a_loss.set(title="validation loss of every exit", xlabel="exit E (blocks run)", ylabel="cross-entropy (nats)")
+    a_agree.set(title="top-1 agreement with the full model", xlabel="exit E (blocks run)", ylabel="share of tokens",
                 ylim=(0, 1))
     for arm, r in summary["eval_exits"].items():
         es = sorted(r, key=int)
@@ -212,15 +213,15 @@ def plot(summary: dict, out: Path) -> None:
 
 def markdown(summary: dict) -> str:
     L = summary["n_layers"]
-    shown = [0, 5, 10, 14, 18, 21, 24, 26, 28, L - 1]
+    shown = [1, 6, 11, 15, 19, 22, 25, 27, 29, L]  # exits E (blocks run)
     lines = [f"| validation ({summary['validation_tokens']} held-out tokens) | "
-             + " | ".join(f"exit {l}" if l < L - 1 else f"final ({l})" for l in shown) + " |",
+             + " | ".join(f"exit {e}" if e < L else f"full ({e})" for e in shown) + " |",
              "|---|" + "---|" * len(shown)]
     for key, v in summary["validation"].items():
-        lines.append(f"| {v['label']}: loss | " + " | ".join(f"{v['loss'][l]:.2f}" for l in shown) + " |")
+        lines.append(f"| {v['label']}: loss | " + " | ".join(f"{v['loss'][e - 1]:.2f}" for e in shown) + " |")
     for key, v in summary["validation"].items():
         lines.append(f"| {v['label']}: agreement | "
-                     + " | ".join("1" if l == L - 1 else f"{v['agree'][l]:.2f}" for l in shown) + " |")
+                     + " | ".join("1" if e == L else f"{v['agree'][e - 1]:.2f}" for e in shown) + " |")
     es = sorted(next(iter(summary["eval_exits"].values())), key=int)
     lines += ["", "| word-order accuracy, exit E | " + " | ".join(es) + " |", "|---|" + "---|" * len(es)]
     for arm, r in summary["eval_exits"].items():

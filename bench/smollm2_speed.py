@@ -126,13 +126,13 @@ def validation_worker(overrides: list[str], out: str, repeats: int) -> None:
             times.append(time.perf_counter() - start)
         m = cfg.model
         _, _, block_train = flops_per_token(m, r.model, cfg.data.seq_len)
-        layers = cfg.eval.layer_list(m.n_layers)
+        exits = cfg.eval.exit_list(m.n_layers)
         tokens = sum(inputs.numel() for inputs, _ in batches)
         # forward only: a third of a block's training FLOPs; one head matmul per validated exit
-        flops = tokens * (m.n_layers * block_train / 3 + len(layers) * 2 * m.dim * m.vocab_size)
+        flops = tokens * (m.n_layers * block_train / 3 + len(exits) * 2 * m.dim * m.vocab_size)
         peak, peak_source = device_peak_flops(device)
         Path(out).write_text(json.dumps({
-            "validation_s": times, "exits": len(layers), "tokens": tokens, "flops": flops,
+            "validation_s": times, "exits": len(exits), "tokens": tokens, "flops": flops,
             "peak_flops_s": peak, "peak_source": peak_source,
             "val_loss_final": vals["val/loss/final"], "threads": torch.get_num_threads()}))
     finally:

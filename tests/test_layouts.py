@@ -40,7 +40,7 @@ TINY = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads
         "optim.warmup_steps=2", "eval.every=0", "eval.batches=1", "logging.every=1",
         "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.save_final=false"]
 # LayerSkip on: dropout decided per global sample, an exit at every other layer (rotating).
-LAYERSKIP = ["layerskip.dropout.mode=global", "layerskip.exit.layers='0:'",
+LAYERSKIP = ["layerskip.dropout.mode=global", "layerskip.exit.exits='1:'",
              "layerskip.exit.curriculum=rotational", "layerskip.exit.period=2"]
 P_MAX = ["layerskip.dropout.p_max=0.3"]  # rates 0, .08, .18, .3 (paper's exp depth scale)
 # Test 2: block 2 drops a sample with probability 0.7; 2 ranks x 2 samples. With seed 0 one rank
@@ -107,10 +107,10 @@ def test_reference_really_uses_layerskip(one_process) -> None:
     """Guards the comparisons below against comparing runs in which nothing LayerSkip-specific
     happened: layers were dropped, and the exits rotate (two exits on alternate steps)."""
     steps = read_metrics(one_process["p_max"])
-    dropped = [steps[s]["layerskip/drop_fraction/layer_03"] for s in steps]
+    dropped = [steps[s]["layerskip/drop_fraction/block_04"] for s in steps]
     assert max(dropped) > 0 and min(dropped) < 1
-    exits = [sorted(k[len("loss/layer_"):] for k in steps[s] if k.startswith("loss/layer_")) for s in (1, 2)]
-    assert exits == [["00", "02", "03"], ["01", "03"]]
+    exits = [sorted(k[len("loss/exit_"):] for k in steps[s] if k.startswith("loss/exit_")) for s in (1, 2)]
+    assert exits == [["01", "03", "04"], ["02", "04"]]  # exits E = blocks run; E = 4 the full model
 
 
 LAYOUTS = {  # name -> (ranks, batch per data-parallel rank, extra overrides)

@@ -115,7 +115,7 @@ def test_continual_recipe_from_a_hub_id_on_two_fsdp_ranks(smollm2, tmp_path):
     validations = {r["step"]: r for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                    if "val/loss" in (r := json.loads(line))}
     first = validations[0]
-    assert first["val/loss/layer_29"] < 5.0 < 10.0 < first["val/loss/layer_00"], first
+    assert first["val/loss/exit_30"] < 5.0 < 10.0 < first["val/loss/exit_01"], first
     assert sorted(validations) == [0, 2]
     config = (run_dir / "config.yaml").read_text()
     assert f"init_from: {snapshot}" in config and "e_scale: 0.1" in config and "period: 8" in config

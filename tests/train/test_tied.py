@@ -73,7 +73,7 @@ def test_tied_checkpoint_round_trips_through_training_in_every_layout(tmp_path, 
     corpus.write_text("".join(Path(ROOT, f).read_text() for f in ("train/trainer.py", "train/checkpoint.py")))
     common = ["model=hf", f"model.init_from={tied_dir}", "data=files", f"data.source={corpus}",
               "data.seq_len=32", "data.val_fraction=0.1", "train.steps=2",
-              "layerskip.exit.layers=0:", "layerskip.exit.period=2", "layerskip.dropout.p_max=0",
+              "layerskip.exit.exits=1:", "layerskip.exit.period=2", "layerskip.dropout.p_max=0",
               "eval.every=0", "eval.batches=1", "logging.every=1", "logging.tensorboard=false",
               "checkpoint.interval=0", "checkpoint.async=false", "optim.warmup_steps=1"]
     layouts = {"one": (train_cmd, 1, ["data.batch_size=4"]),

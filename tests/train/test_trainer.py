@@ -30,7 +30,7 @@ def _config(corpus: Path, tmp: Path, *overrides: str):
             "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=64",
             "data.seq_len=32", "data.batch_size=8", "train.steps=40", "optim.warmup_steps=5",
             "logging.every=5", "eval.every=20", "eval.batches=2", "checkpoint.interval=0",
-            "layerskip.exit.layers=0:", "layerskip.exit.period=2", "layerskip.dropout.p_max=0.2"]
+            "layerskip.exit.exits=1:", "layerskip.exit.period=2", "layerskip.dropout.p_max=0.2"]
     with initialize_config_dir(version_base="1.3", config_dir=str(RECIPES)):
         return load_config(compose("train", overrides=base + list(overrides)))
 
@@ -49,14 +49,14 @@ def test_short_run_learns_and_writes_its_run_directory(corpus, tmp_path):
     assert [r["step"] for r in val] == [0, 20, 40]
     # validation loss of the final layer and of an early exit both fall well below the start
     assert val[-1]["val/loss"] < val[0]["val/loss"] - 1.0
-    assert val[-1]["val/loss/layer_01"] < val[0]["val/loss/layer_01"] - 1.0
+    assert val[-1]["val/loss/exit_02"] < val[0]["val/loss/exit_02"] - 1.0
     assert train[-1]["loss"] < train[0]["loss"]
     for key in ("step", "loss", "lr", "tokens_per_s", "grad_norm", "balance/slowest_step_s",
-                "layerskip/saved_block_compute", "loss/layer_03"):
+                "layerskip/saved_block_compute", "loss/exit_04"):
         assert key in train[-1], key
     # MFU: omitted rather than shown above 100 % (a CPU peak measured on a busy machine)
     assert all(0 < r["throughput/mfu_pct"] <= 100 for r in train if "throughput/mfu_pct" in r)
-    assert any(k.startswith("layerskip/drop_fraction/layer_") for k in train[-1])
+    assert any(k.startswith("layerskip/drop_fraction/block_") for k in train[-1])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer.model").is_file()
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "step-0000040" / "COMPLETE").is_file()  # the final save
