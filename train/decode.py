@@ -85,7 +85,7 @@ def exit_perplexities(model: LayerSkipLlama, ids: list[int], seq_len: int, max_t
                 logits = model.unembed(h[c:c + chunk_tokens]).float()
                 totals[l] += F.cross_entropy(logits, t[c:c + chunk_tokens], reduction="sum").item()
     n = n_windows * seq_len
-    rows = [{"exit": l + 1, "layer": l, "loss": totals[l].item() / n,
+    rows = [{"exit": l + 1, "loss": totals[l].item() / n,
              "perplexity": math.exp(min(totals[l].item() / n, 700.0))} for l in range(L)]
     return {"tokens": n, "seq_len": seq_len, "layers": rows}
 
@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         ppl = report["perplexity"] = exit_perplexities(model, [tok.bos_id] + ids, seq_len, args.max_tokens)
         rows = ppl["layers"]
         print(f"\nEarly-exit perplexity on {text_path} ({ppl['tokens']} tokens, windows of {seq_len})")
-        print(f"{'exit E':>6} {'block':>5} {'loss':>8} {'perplexity':>12}")
+        print(f"{'exit E':>6} {'loss':>8} {'perplexity':>12}")
         for r in rows:
-            print(f"{r['exit']:>6} {r['layer']:>5} {r['loss']:>8.4f} {r['perplexity']:>12.2f}")
+            print(f"{r['exit']:>6} {r['loss']:>8.4f} {r['perplexity']:>12.2f}")
 
     if args.prompts > 0:
         prompts = _prompts(ids, args.prompts, args.prompt_tokens)
