@@ -165,3 +165,22 @@ def test_continual_smollm2_is_the_papers_llama3_recipe_on_a_hub_id():
                     "data.seq_len=256", "data.batch_size=2", "parallel=default", "train.steps=60"])
     assert cpu.layerskip == ls and not cpu.parallel.compile and cpu.data.source == "stdlib"
     assert cpu.data.seq_len <= cfg.model.max_seq_len
+
+
+def test_a_run_written_with_block_indices_is_read_as_exits(tmp_path):
+    """A run's config.yaml from before the renaming (its key says block indices) exports as the
+    same exits, E = index + 1; the same keys typed by a user are refused."""
+    from omegaconf import OmegaConf
+
+    from train.config import to_dict
+    from train.export import load_run_config
+    saved = to_dict(_compose(["model=tiny"]))
+    saved["layerskip"]["exit"].pop("exits")
+    saved["layerskip"]["exit"]["layers"] = "0::4"
+    saved["eval"].pop("at_exits")
+    saved["eval"]["exits"] = [3, -1]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    cfg = load_run_config(tmp_path)
+    assert cfg.layerskip.exit.exit_list(8) == [1, 5] and cfg.eval.exit_list(8) == [4, 8]
+    with pytest.raises(ConfigError, match=r"layerskip\.exit\.layers was renamed"):
+        load_config(saved)
