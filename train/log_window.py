@@ -88,7 +88,8 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
         f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | "
         f"MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
         f"ranks {balance['balance/fastest_step_s']:.3f}-{balance['balance/slowest_step_s']:.3f}s | "
-        f"exits E {[l + 1 for l in sorted(window.exits)]} | saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
+        f"exits E {[l + 1 for l in sorted(window.exits)]} | "
+        f"saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
 
 
 def throughput_model(r: Run) -> Throughput:

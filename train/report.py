@@ -272,7 +272,8 @@ def markdown_table(run_dirs: list[str | Path], labels: list[str]) -> str:
     lines = [head, "|" + "---|" * (L + 2)]
     for label, step, last in rows:
         cell = lambda k: f"{last[k]:.3f}" if k in last and math.isfinite(last[k]) else ""  # noqa: E731
-        lines.append(f"| {label} val loss | {step} | " + " | ".join(cell(exit_key("val/loss", e)) for e in exits) + " |")
+        lines.append(f"| {label} val loss | {step} | "
+                     + " | ".join(cell(exit_key("val/loss", e)) for e in exits) + " |")
         if any(exit_key("val/agree", e) in last for e in exits):
             lines.append(f"| {label} agreement | {step} | "
                          + " | ".join(cell(exit_key("val/agree", e)) for e in exits) + " |")

@@ -81,7 +81,8 @@ def test_eval_at_exits_setting():
     assert compose_config([*base, "eval.at_exits=[]"]).eval.exit_list(8) == [8]
     assert compose_config([*base, "eval.at_exits=1::4", "eval.per_layer=false"]).eval.exit_list(8) == [8]
     for bad in ("[9]", "[0]", "0"):
-        with pytest.raises(ConfigError, match=r"eval\.at_exits: exit (9|0) is out of range: exits count blocks run, 1\.\.8"):
+        with pytest.raises(ConfigError, match=r"eval\.at_exits: exit (9|0) is out of range: exits count blocks run, "
+                                              r"1\.\.8"):
             compose_config([*base, f"eval.at_exits={bad}"])
     with pytest.raises(ConfigError, match=r"eval\.at_exits: 'a:b' is not a slice string"):
         compose_config([*base, "eval.at_exits=a:b"])
@@ -99,7 +100,8 @@ def _tp_worker(rank: int, world: int, state_dict: dict, batches: list) -> dict:
     model = parallelize(build_model(CFG), dims, pcfg, param_dtype=torch.float32, reduce_dtype=torch.float32)
     init_model(model, "cpu", 0)
     load_full_state_dict(model, state_dict if rank == 0 else None)
-    return evaluate(model, batches, list(range(1, CFG.n_layers + 1)), chunk_tokens=5, tp=2, dp_group=dims.dp_mesh.get_group())
+    return evaluate(model, batches, list(range(1, CFG.n_layers + 1)), chunk_tokens=5, tp=2,
+                    dp_group=dims.dp_mesh.get_group())
 
 
 def test_validation_under_tensor_parallel_equals_one_process():
