@@ -153,23 +153,9 @@ def smollm2_tokenizers(tmp_path_factory) -> dict[str, Path]:
     package), as the base model HuggingFaceTB/SmolLM2-135M has it (pre-tokenizer Digits(individual)
     then ByteLevel; BOS = EOS = <|endoftext|>, id 0) and as the Instruct's (BOS <|im_start|> 1,
     EOS <|im_end|> 2; pre-tokenizer as the GGUF has it)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("smollm2", Path(__file__).parents[2] / "bench" / "smollm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        folder = module.smollm2_dir()
-    except Exception as e:  # no network and no pip cache, no gguf package, ...
-        pytest.skip(reason=f"SmolLM2-135M cannot be built here ({type(e).__name__}: {e})")
-    spec_json = json.loads((folder / "tokenizer.json").read_text())
-    base = tmp_path_factory.mktemp("smollm2_base")
-    spec_json["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
-    (base / "tokenizer.json").write_text(json.dumps(spec_json))
-    (base / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-         "unk_token": "<|endoftext|>", "add_prefix_space": False}))
+    from tests.train._smollm2 import instruct_dir, write_base
+    folder = instruct_dir()
+    base = write_base(tmp_path_factory.mktemp("smollm2_base"), folder)
     return {"smollm2_base": base / "tokenizer.json", "smollm2_instruct": folder / "tokenizer.json"}
 
 
