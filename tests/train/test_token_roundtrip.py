@@ -70,7 +70,7 @@ def _train_llama2_sp(docs: list[str], folder: Path, **extra) -> None:
     lines = [line for d in docs for line in d.splitlines() if line.strip()][:3000]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
-        vocab_size=500, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        vocab_size=800, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=0.99,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **extra)
 

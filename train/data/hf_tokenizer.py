@@ -1,9 +1,9 @@
 """Hugging Face `tokenizer.json` tokenizers (Llama 3's byte-level BPE, 128,256 ids), read with the
 `tokenizers` library as torchtitan does.
 
-Cut points need nothing special here: a byte-level `tokenizer.json` adds nothing at the start of a
-text (no dummy prefix), so a continuation is encoded as any text, and the window check of
-train/data/tokenizer_base.py finds where the tokenizer's own normaliser and pre-tokenizer split.
+Cut points: a byte-level `tokenizer.json` adds nothing at the start of a text (no dummy prefix), so
+a continuation is encoded as any text, and the window check of train/data/tokenizer_base.py, with
+the tokenizer's own pre-tokenizer (`is_exact_cut`), finds where it splits.
 (A tokenizer.json that prepends a "▁" to every text, as Llama 2's converted one does, finds no
 exact cut point: prepare then cuts at its bounded fallback points, counted; prefer the .model.)
 
@@ -104,6 +104,16 @@ class HFTokenizer(Tokenizer):
         if num_threads == 1:
             return [self._tok.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def is_exact_cut(self, left: str, right: str) -> bool:
+        """Also asks the pre-tokenizer (where no normaliser moves offsets): a cut must fall between
+        two of its pre-tokens, so that the ids of each side are those of whole pre-tokens and do
+        not merely happen to coincide on this window."""
+        pre = self._tok.pre_tokenizer
+        if pre is not None and self._tok.normalizer is None:
+            if all(start != len(left) for _, (start, _) in pre.pre_tokenize_str(left + right)):
+                return False
+        return super().is_exact_cut(left, right)
 
     def id_to_token(self, idx: int) -> str:
         return self._tok.id_to_token(idx)
