@@ -192,7 +192,7 @@ def test_prepared_documents_are_the_tokenizers_ids_of_the_whole_documents(kind, 
         # sentencepiece writes spaces as "▁": a literal "▁" in the text decodes as a space (Llama 2's
         # tokenizer does the same); every other character comes back exactly
         assert tok.decode(ids) == (doc.replace("▁", " ") if tok_path.suffix == ".model" else doc)
-    if kind == "llama3_tokenizer_json":  # the same folder, byte for byte, from one worker with shards twice as large
+    if kind == "llama3_tokenizer_json":  # the same folder from one worker with shards twice as large
         again = prep.prepare_dataset(open_corpus(str(root)), tok_path, tmp_path / "again", val_fraction=0.2,
                                      max_chars=None, shard_bytes=2 * SHARD, workers=1)
         assert again.manifest["train"] == done.manifest["train"]
@@ -281,3 +281,15 @@ def test_text_without_cut_points_falls_back_at_bounded_counted_cuts(llama3_json,
              for p in shard for u in shards.read_units(c, p, 0.0, tok)]
     assert max(len(u.text.encode()) for u in units) <= shards.MAX_UNIT_BYTES
     assert sum(u.fallback for u in units) == expected
+
+
+@pytest.mark.parametrize("lang", ["chinese", "hindi"])
+def test_a_single_text_file_in_any_script_holds_out_about_val_fraction(lang, llama3_json, tmp_path):
+    """A one-file corpus without ASCII words is many units, about val_fraction of them held out
+    (once a whole file was one unit: all held out or none)."""
+    (tmp_path / "one.txt").write_text(language_text(lang, 160_000, seed=3))  # ~400 KB: ~100 units
+    c = open_corpus(str(tmp_path / "one.txt"))
+    tok = load_tokenizer(llama3_json)
+    units = list(shards.read_units(c, shards.Piece(0, 0, c.files[0].stat().st_size, True), 0.2, tok))
+    assert len(units) >= 90 and not any(u.fallback for u in units)
+    assert 0.1 < sum(u.val for u in units) / len(units) < 0.3
