@@ -21,9 +21,12 @@ A prepared folder holds:
 - `manifest.json`: written when every shard is done, by whichever task finishes last (or by
   `prepare.finalize=true`); its presence makes the folder usable. It records the format version,
   the tokenizer (file, sha256 digest, vocabulary size, BOS/EOS), dtype, val_fraction, the inputs
-  (relative path, size, mtime) and every shard's token and unit counts.
+  (relative path, size, mtime), every shard's token and unit counts, and the number of fallback
+  cuts (train/data/shards.py: where a long stretch of text had no exact cut point).
 No file holds a time, a host or a worker count: the folder is byte-identical whatever the number of
 workers or tasks and whether it was interrupted (see train/data/shards.py for the plan and units).
+Every file is written under a temporary name ending in -<pid>@<host> and renamed into place; a
+rerun first removes the temporaries of dead prepares of its host (`remove_dead_temporaries`).
 
 Parallelism: on one machine, a pool of `prepare.workers` processes (default: all cores), each
 encoding its shards with one tokenizer thread. Several machines split the shards by task: task K of
