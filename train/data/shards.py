@@ -176,14 +176,14 @@ def _text_units(path: Path, rel: str, text: _TextFile, piece: Piece, val_fractio
         return is_held_out(rel, offset // UNIT_BYTES, val_fraction)
 
     before = held(text.unit_before(begin)) if begin > 0 else None  # the previous unit's split
-    a, forced = begin, begin > 0 and text.block_cut(-(-piece.start // UNIT_BYTES))[1]
+    a, fallback = begin, begin > 0 and text.block_cut(-(-piece.start // UNIT_BYTES))[1]
     while a < end:
-        b, next_forced = text.block_cut(a // UNIT_BYTES + 1)
+        b, next_fallback = text.block_cut(a // UNIT_BYTES + 1)  # (<= end: cuts are monotone in k)
         b = min(b, end)
         val = held(a)
         after = held(b) if b < E else None
-        yield _text_unit(path, a, text.read(a, b), val, val != before, val != after, a > 0, forced)
-        before, a, forced = val, b, next_forced
+        yield _text_unit(path, a, text.read(a, b), val, val != before, val != after, a > 0, fallback)
+        before, a, fallback = val, b, next_fallback
 
 
 class _TextFile:
