@@ -17,7 +17,8 @@ import torch
 from train.config import DataConfig
 from train.data import DataError, Tokenizer, build_data
 from train.data.build import auto_prepared_dir
-from train.data.shards import UNIT_BYTES, is_held_out
+from train.data import shards
+from train.data.shards import is_held_out
 from train.data.sources import open_corpus
 from train.data.tokenizer import train_tokenizer
 
@@ -37,11 +38,11 @@ def _text(rng: random.Random, n_lines: int) -> str:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """A folder of 30 .txt documents (about 60 KB)."""
+    """A folder of 30 .txt documents (about 60 KB; a few span several units)."""
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     for i in range(30):
-        (root / f"doc{i:02d}.txt").write_text(_text(rng, 40))
+        (root / f"doc{i:02d}.txt").write_text(_text(rng, 40 if i % 6 else 200))
     return root
 
 
@@ -184,25 +185,40 @@ def _windows(data, split: str) -> np.ndarray:
 def test_packing_and_split_against_a_reference(corpus, tokenizer, tmp_path):
     cfg = _cfg(corpus, tokenizer, tmp_path)
     data = build_data(cfg, vocab_size=512, seed=0)
-    # Reference: a .txt file is one document, cut into units at 0 and at the first cut point ("a| b")
-    # at or after each multiple of 1 KiB; a unit is held out iff the hash of (file, its start //
-    # 1 KiB) is below val_fraction; each run of units of one split is stored BOS text EOS, and each
-    # split's runs are concatenated in corpus order and cut into non-overlapping windows of
-    # seq_len + 1. The units' ids together are the ids of the whole document.
+    # Reference: a .txt file is one document, cut into units at 0 and at each block's cut c_k: the
+    # first of (at most MAX_CUT_TRIES) candidates in [k U, k U + CUT_SEARCH_BYTES) where encoding the
+    # whole text before it and continuing from it gives the whole document's ids (no window: the
+    # whole text); the document's end if the search reaches it; a unit is held out iff the hash of
+    # (file, its start // U) is below val_fraction; each run of units of one split is stored BOS
+    # text EOS, and each split's runs are concatenated in corpus order and cut into
+    # non-overlapping windows of seq_len + 1. The units' ids together are the ids of the whole document.
     W = cfg.seq_len + 1
+    U, S = shards.UNIT_BYTES, shards.CUT_SEARCH_BYTES
     streams = {"train": [], "val": []}
+    multi = 0
     for path in open_corpus(str(corpus)).files:
         raw = path.read_bytes()
-        cuts = [m.start() for m in re.finditer(rb"(?<=[A-Za-z]) (?=[A-Za-z])", raw)]
-        starts = sorted({0} | {min((c for c in cuts if c >= k), default=len(raw))
-                               for k in range(UNIT_BYTES, len(raw), UNIT_BYTES)} - {len(raw)})
+        whole = tokenizer.encode(raw.decode())
+
+        def exact(p: int) -> bool:
+            return tokenizer.encode(raw[:p].decode()) + tokenizer.encode_continuation(raw[p:].decode()) == whole
+
+        cuts = set()
+        for k in range(1, -(-len(raw) // U)):
+            limit = min(len(raw), k * U + S)
+            candidates = [m.start() for m in shards._CANDIDATE.finditer(raw, k * U, limit)][:shards.MAX_CUT_TRIES]
+            cut = next((p for p in candidates if exact(p)), None)
+            assert cut is not None or limit == len(raw), "a fallback cut in plain code"
+            cuts.add(len(raw) if cut is None else cut)
+        starts = sorted({0} | cuts - {len(raw)})
+        multi += len(starts) > 1
         units = [raw[a:b].decode() for a, b in zip(starts, starts[1:] + [len(raw)])]
-        splits = ["val" if is_held_out(path.name, a // UNIT_BYTES, cfg.val_fraction) else "train" for a in starts]
-        assert len(units) > 1 and [i for u in units for i in tokenizer.encode(u)] == tokenizer.encode(raw.decode())
+        splits = ["val" if is_held_out(path.name, a // U, cfg.val_fraction) else "train" for a in starts]
         for n, (unit, split) in enumerate(zip(units, splits)):
-            ids = tokenizer.encode(unit)
+            ids = tokenizer.encode_continuation(unit) if n else tokenizer.encode(unit)
             first, last = n == 0 or splits[n - 1] != split, n == len(units) - 1 or splits[n + 1] != split
             streams[split] += [tokenizer.bos_id] * first + ids + [tokenizer.eos_id] * last
+    assert multi >= 3  # documents of several units
     for split in ("train", "val"):
         ref = np.array(streams[split][:len(streams[split]) // W * W]).reshape(-1, W)
         assert np.array_equal(_windows(data, split), ref), split
@@ -224,9 +240,9 @@ def test_packing_and_split_against_a_reference(corpus, tokenizer, tmp_path):
 
 
 def test_too_little_data_is_a_clear_error(corpus, tokenizer, tmp_path):
-    with pytest.raises(DataError, match=r"data.source=.*corpus.*data.seq_len\+1=17 .*needs 1000 train "
-                                        r"sequences .*data.batch_size=1000"):
-        build_data(_cfg(corpus, tokenizer, tmp_path, batch_size=1000), vocab_size=512, seed=0)
+    with pytest.raises(DataError, match=r"data.source=.*corpus.*data.seq_len\+1=17 .*needs 5000 train "
+                                        r"sequences .*data.batch_size=5000"):
+        build_data(_cfg(corpus, tokenizer, tmp_path, batch_size=5000), vocab_size=512, seed=0)
     with pytest.raises(DataError, match=r"validation sequences.*one validation batch per rank "
                                         r"needs 16 .*data.val_fraction \(0.01\)"):
         build_data(_cfg(corpus, tokenizer, tmp_path, val_fraction=0.01), vocab_size=512, seed=0,

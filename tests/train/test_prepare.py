@@ -26,7 +26,7 @@ from train.config import ConfigError, DataConfig, MixtureSource
 from train.data import DataError, build_data
 from train.data import prepare as prep
 from train.data.sources import open_corpus
-from train.data.tokenizer import load_tokenizer, train_tokenizer
+from train.data.tokenizer import load_tokenizer, temp_suffix, train_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega def return class "
          "import while for if else print value index count total self None True False").split()
@@ -74,8 +74,8 @@ def _killed_prepare(corpus: Path, tok: Path, out: Path) -> None:
     """A prepare that dies by SIGKILL while writing its third shard (nothing gets to clean up)."""
     real = prep.read_units
 
-    def dying(corpus_, piece, val_fraction, **kw):
-        for n, unit in enumerate(real(corpus_, piece, val_fraction, **kw)):
+    def dying(corpus_, piece, val_fraction, tok):
+        for n, unit in enumerate(real(corpus_, piece, val_fraction, tok)):
             if corpus_.files[piece.file].name == "big.txt" and piece.start >= 2 * SHARD and n == 5:
                 os.kill(os.getpid(), signal.SIGKILL)
             yield unit
@@ -118,9 +118,19 @@ def test_prepare_is_byte_identical_whatever_workers_tasks_or_interruption(corpus
     assert not prep.is_prepared(killed)
     done_before = sorted(p.name for p in (killed / "shards").glob("*.done.json"))
     assert 0 < len(done_before) < ref.shards_total
+    left = sorted(p.name for p in (killed / "shards").glob(".*.tmp*"))
+    assert left, "the killed prepare left no temporary file: the rerun's clean-up is not tested"
+    # a live concurrent task's temporaries (this process, or any on another host) are kept
+    live = [killed / "shards" / f".000001.train.bin.tmp{temp_suffix()}",
+            killed / "shards" / ".000001.val.bin.tmp-1@another-host"]
+    for path in live:
+        path.write_bytes(b"in progress")
     rerun = _prepare(corpus, tokenizer_path, killed)
-    assert rerun.shards_done == ref.shards_total - len(done_before)
-    assert _tree(killed) == reference
+    assert rerun.shards_done == ref.shards_total - len(done_before) and rerun.stale_removed == len(left)
+    assert all(path.read_bytes() == b"in progress" for path in live)
+    for path in live:
+        path.unlink()
+    assert _tree(killed) == reference  # byte-identical, and no temporary file of the dead run left
 
     # Other inputs into the same folder are refused, naming what differs.
     with pytest.raises(DataError, match="other inputs or settings .*val_fraction"):
@@ -321,18 +331,19 @@ def test_task_slot_defaults_from_slurm_array_then_torchrun(monkeypatch):
     assert prep.task_slot(2, 1) == (2, 1)  # the keys win
 
 
-def test_text_read_in_chunks_gives_the_same_units(corpus, monkeypatch):
+def test_text_read_in_chunks_gives_the_same_units(corpus, tokenizer_path, monkeypatch):
     """Plain text is read a few MiB at a time; neither chunk edges nor range edges change a unit,
     and BOS/EOS mark exactly the starts and ends of runs of one split."""
     from train.data import shards
     raw = open_corpus(str(corpus))
+    tok = load_tokenizer(tokenizer_path)
     big = raw.files.index(corpus / "big.txt")
     size = (corpus / "big.txt").stat().st_size
 
     def units(*cuts: int) -> list:
         edges = [0, *cuts, size]
         pieces = [shards.Piece(big, a, b, b == size, size) for a, b in zip(edges, edges[1:])]
-        return [u for p in pieces for u in shards.read_units(raw, p, 0.3, can_cut=True)]
+        return [u for p in pieces for u in shards.read_units(raw, p, 0.3, tok)]
 
     whole = units()
     for chunk in (1000, 4099, 65_536):

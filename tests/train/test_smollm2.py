@@ -21,7 +21,6 @@ from tests.train._models import one_thread  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
-HUB_ID = "local-test/SmolLM2-135M-Instruct-Q4_1"  # the seeded cache's name for the folder
 TEXT = ('def greet(name: str) -> str:\n    """Say hello."""\n    return f"Hello, {name}!"\n\n'
         "The quick brown fox jumps over the lazy dog. Ünïcödé, 12345 and\ttabs  and   spaces.\n")
 
@@ -95,15 +94,27 @@ def _offline_env(hf_home: Path) -> dict[str, str]:
 
 
 def test_continual_recipe_from_a_hub_id_on_two_fsdp_ranks(smollm2, tmp_path):
-    """`experiment=continual_smollm2_135m` with model.init_from a Hub id, offline, from a seeded
-    cache: two steps under torchrun on 2 gloo ranks (FSDP), the checkpoint's own tokenizer, and
-    step 0's validation is the pretrained model's (3-ish nats on Python source at the final layer,
-    far worse at the first exits), not a random initialisation's (ln 49152 = 10.8)."""
+    """`experiment=continual_smollm2_135m` as it is (model.init_from=HuggingFaceTB/SmolLM2-135M,
+    offline, from a seeded cache holding the base model's stand-in: BOS = EOS = <|endoftext|>, its
+    pre-tokenizer) on a folder of .txt files (Python source and Russian text, prepared at start-up
+    with the checkpoint's own tokenizer): two steps under torchrun on 2 gloo ranks (FSDP), and
+    step 0's validation is the pretrained model's (3-ish nats at the final layer, far worse at the
+    first exits), not a random initialisation's (ln 49152 = 10.8)."""
+    from tests.train._languages import text as language_text
+    from tests.train._smollm2 import write_base
+    base = write_base(tmp_path / "base", smollm2)
     hf_home = tmp_path / "hf_home"
-    snapshot = seed_hub_cache(hf_home, HUB_ID, smollm2)
+    snapshot = seed_hub_cache(hf_home, "HuggingFaceTB/SmolLM2-135M", base)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    import dataclasses
+    import tokenize
+    for module in (dataclasses, tokenize):  # real text, so the pretrained model's loss is low
+        (corpus / f"{module.__name__}.txt").write_text(Path(module.__file__).read_text())
+    (corpus / "russian.txt").write_text(language_text("russian", 6_000))
     run_dir = tmp_path / "run"
-    overrides = ["experiment=continual_smollm2_135m", f"model.init_from={HUB_ID}", "data=stdlib",
-                 "data.max_chars=1000000", "data.seq_len=32", "data.batch_size=1", "parallel=default",
+    overrides = ["experiment=continual_smollm2_135m", f"data.source={corpus}", "data.val_fraction=0.1",
+                 "data.seq_len=32", "data.batch_size=1", "parallel=default",
                  "train.steps=2", "optim.warmup_steps=1", "eval.every=2", "eval.batches=1", "logging.every=1",
                  "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.save_final=false",
                  f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -119,7 +130,10 @@ def test_continual_recipe_from_a_hub_id_on_two_fsdp_ranks(smollm2, tmp_path):
     assert sorted(validations) == [0, 2]
     config = (run_dir / "config.yaml").read_text()
     assert f"init_from: {snapshot}" in config and "e_scale: 0.1" in config and "period: 8" in config
-    assert (run_dir / "tokenizer.json").read_bytes() == (smollm2 / "tokenizer.json").read_bytes()
+    assert (run_dir / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    prepared = json.loads(next((tmp_path / "cache").glob("prepared-*/manifest.json")).read_text())
+    assert prepared["tokenizer"]["bos_id"] == prepared["tokenizer"]["eos_id"] == 0
+    assert prepared["fallback_cuts"] == 0 and prepared["val"]["units"] > 0
 
 
 def test_a_hub_id_that_is_not_cached_offline_is_one_line(tmp_path):

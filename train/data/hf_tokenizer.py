@@ -1,6 +1,12 @@
 """Hugging Face `tokenizer.json` tokenizers (Llama 3's byte-level BPE, 128,256 ids), read with the
 `tokenizers` library as torchtitan does.
 
+Cut points: a byte-level `tokenizer.json` adds nothing at the start of a text (no dummy prefix), so
+a continuation is encoded as any text, and the window check of train/data/tokenizer_base.py, with
+the tokenizer's own pre-tokenizer (`is_exact_cut`), finds where it splits.
+(A tokenizer.json that prepends a "▁" to every text, as Llama 2's converted one does, finds no
+exact cut point: prepare then cuts at its bounded fallback points, counted; prefer the .model.)
+
 The file alone does not say which tokens are BOS and EOS: as in `transformers`, they are named by
 `tokenizer_config.json` (or `special_tokens_map.json`) next to it. Those files therefore belong to
 the tokenizer: its digest covers the ids they choose, and they travel with it (run directory,
@@ -22,21 +28,10 @@ from pathlib import Path
 from tokenizers import Tokenizer as _Tokenizers
 
 from train.data.sources import DataError
-from train.data.tokenizer import Tokenizer
+from train.data.tokenizer_base import Tokenizer
 
 # Files next to tokenizer.json that decide its special tokens, in the order transformers reads them.
 SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-# Pre-tokenizer regexes under which a document may be cut at "a| b" (see HFTokenizer): GPT-2's (the
-# ByteLevel pre-tokenizer's own) and Llama 3's (= tiktoken cl100k's). In each, a run of letters ends
-# at a space and a space before a letter starts the next pre-token; no alternative matches a
-# letter followed by a space, and no lookahead reaches past a letter, so the pre-tokens of the text
-# before the cut and from it are exactly those of the whole text.
-_GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-CUTTABLE_PATTERNS = (
-    _GPT2_PATTERN,
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
-)
 
 
 def _token_name(entry) -> str | None:
@@ -64,7 +59,6 @@ class HFTokenizer(Tokenizer):
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # ids index the embedding: the size that matters is the largest id + 1
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
-        self.can_cut = _can_cut(json.loads(self.path.read_text(encoding="utf-8")))
 
     def _special_id(self, key: str) -> int:
         """The id of the token named `key` (bos_token / eos_token) by the first config file that
@@ -111,6 +105,16 @@ class HFTokenizer(Tokenizer):
             return [self._tok.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def is_exact_cut(self, left: str, right: str) -> bool:
+        """Also asks the pre-tokenizer (where no normaliser moves offsets): a cut must fall between
+        two of its pre-tokens, so that the ids of each side are those of whole pre-tokens and do
+        not merely happen to coincide on this window."""
+        pre = self._tok.pre_tokenizer
+        if pre is not None and self._tok.normalizer is None:
+            if all(start != len(left) for _, (start, _) in pre.pre_tokenize_str(left + right)):
+                return False
+        return super().is_exact_cut(left, right)
+
     def id_to_token(self, idx: int) -> str:
         return self._tok.id_to_token(idx)
 
@@ -119,32 +123,3 @@ class HFTokenizer(Tokenizer):
         sentencepiece's control symbols do: decoded text encodes back to its ids, never to
         special ids (a special token's string in the text is text, see the module docstring)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def _can_cut(spec: dict) -> bool:
-    """Whether a tokenizer.json encodes "x a| b y" as the ids of "x a" followed by those of " b y":
-    a byte-level BPE (applied to each pre-token on its own) with no normaliser, pre-tokenized by
-    ByteLevel's own regex or a Split on one of CUTTABLE_PATTERNS then ByteLevel (Llama 3), and no
-    added token still matched in text (only special ones, which we encode as text) holding a space.
-    Anything else (Llama 2's converted tokenizer.json prepends a "▁" to every text, say) encodes
-    whole documents only."""
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or spec.get("normalizer") is not None:
-        return False
-    if pre.get("type") == "ByteLevel":
-        steps = [pre]
-    elif pre.get("type") == "Sequence":
-        steps = pre.get("pretokenizers") or []
-    else:
-        return False
-    if not steps or steps[-1].get("type") != "ByteLevel":
-        return False
-    *splits, byte_level = steps
-    if byte_level.get("use_regex", True):
-        if splits:
-            return False
-    elif not (len(splits) == 1 and splits[0].get("type") == "Split"
-              and splits[0].get("pattern", {}).get("Regex") in CUTTABLE_PATTERNS
-              and splits[0].get("behavior") == "Isolated" and not splits[0].get("invert")):
-        return False
-    return not any(" " in t.get("content", "") and not t.get("special") for t in spec.get("added_tokens", []))

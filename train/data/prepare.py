@@ -21,9 +21,12 @@ A prepared folder holds:
 - `manifest.json`: written when every shard is done, by whichever task finishes last (or by
   `prepare.finalize=true`); its presence makes the folder usable. It records the format version,
   the tokenizer (file, sha256 digest, vocabulary size, BOS/EOS), dtype, val_fraction, the inputs
-  (relative path, size, mtime) and every shard's token and unit counts.
+  (relative path, size, mtime), every shard's token and unit counts, and the number of fallback
+  cuts (train/data/shards.py: where a long stretch of text had no exact cut point).
 No file holds a time, a host or a worker count: the folder is byte-identical whatever the number of
 workers or tasks and whether it was interrupted (see train/data/shards.py for the plan and units).
+Every file is written under a temporary name ending in -<pid>@<host> and renamed into place; a
+rerun first removes the temporaries of dead prepares of its host (`remove_dead_temporaries`).
 
 Parallelism: on one machine, a pool of `prepare.workers` processes (default: all cores), each
 encoding its shards with one tokenizer thread. Several machines split the shards by task: task K of
@@ -38,6 +41,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -48,17 +53,19 @@ from pathlib import Path
 
 import numpy as np
 
-from train.data.shards import Piece, is_text, plan_shards, read_units
+from train.data.shards import MAX_UNIT_BYTES, Piece, plan_shards, read_units
 from train.data.sources import Corpus, DataError
-from train.data.tokenizer import copy_tokenizer, find_tokenizer_file, load_tokenizer, write_atomic
+from train.data.tokenizer import (copy_tokenizer, find_tokenizer_file, load_tokenizer, temp_suffix,
+                                  write_atomic)
 from train.process_lifetime import pool_worker_init
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when the layout or the meaning of a prepared folder changes
+FORMAT_VERSION = 4  # bump when the layout or the meaning of a prepared folder changes
 MANIFEST = "manifest.json"
 _ENCODE_CHARS = 1_000_000  # characters handed to the tokenizer per call (bounds memory)
 SPLITS = ("train", "val")
+_TEMP = re.compile(r"\.tmp.*-(?P<pid>\d+)@(?P<host>[^@]+)$")  # a temporary file's name (temp_suffix)
 
 
 def is_prepared(folder: str | os.PathLike) -> bool:
@@ -115,14 +122,12 @@ def write_shard(job: ShardJob, report: Callable[[tuple[int, int, int]], None] | 
     typecode = "H" if token_dtype(tok.vocab_size).itemsize == 2 else "I"  # uint16 / uint32
     folder = job.out / "shards"
     name = f"{job.shard:06d}"
-    for stale in folder.glob(f".{name}.*.tmp-*"):  # a killed run's temporaries of this shard
-        if not _alive(int(stale.name.rsplit("-", 1)[1])):  # (not a concurrent run's, on this host)
-            stale.unlink(missing_ok=True)
-    tmp = {s: folder / f".{name}.{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
+    tmp = {s: folder / f".{name}.{s}.bin.tmp{temp_suffix()}" for s in SPLITS}
     files = {s: open(tmp[s], "wb") for s in SPLITS}
     ends: dict[str, list[int]] = {s: [] for s in SPLITS}
     counts = {s: {"tokens": 0, "units": 0, "characters": 0} for s in SPLITS}
     batch, batch_chars = [], 0
+    fallback_cuts = 0
 
     def flush() -> None:
         nonlocal reported
@@ -158,16 +163,17 @@ def write_shard(job: ShardJob, report: Callable[[tuple[int, int, int]], None] | 
 
     try:
         for piece in job.pieces:
-            for unit in read_units(job.corpus, piece, job.val_fraction, can_cut=tok.can_cut):
+            for unit in read_units(job.corpus, piece, job.val_fraction, tok):
                 batch.append(unit)
                 batch_chars += len(unit.text)
+                fallback_cuts += unit.fallback
                 if batch_chars >= _ENCODE_CHARS:
                     flush()
                     batch_chars = 0
         flush()
         for s in SPLITS:
             files[s].close()
-            idx = folder / f".{name}.{s}.idx.tmp-{os.getpid()}"
+            idx = folder / f".{name}.{s}.idx.tmp{temp_suffix()}"
             np.asarray(ends[s], dtype=np.int64).tofile(idx)
             os.replace(idx, folder / f"{name}.{s}.idx")
             os.replace(tmp[s], folder / f"{name}.{s}.bin")
@@ -175,7 +181,7 @@ def write_shard(job: ShardJob, report: Callable[[tuple[int, int, int]], None] | 
         for s in SPLITS:
             files[s].close()
             tmp[s].unlink(missing_ok=True)
-    record = {"id": job.shard, "bytes": shard_bytes, **counts}
+    record = {"id": job.shard, "bytes": shard_bytes, "fallback_cuts": fallback_cuts, **counts}
     write_atomic(folder / f"{name}.done.json", json.dumps(record, sort_keys=True).encode())
     if report is not None:
         report((shard_bytes - reported, 0, 0))
@@ -190,6 +196,8 @@ class Prepared:
     shards_total: int
     tokens: int  # written by this call
     seconds: float
+    fallback_cuts: int = 0  # by this call (see train/data/shards.py)
+    stale_removed: int = 0  # temporary files of dead earlier prepares removed
 
 
 def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_fraction: float,
@@ -201,13 +209,11 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
     t0 = time.perf_counter()
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    stale = remove_dead_temporaries(out)
     tok = load_tokenizer(tokenizer_path)
     local_tok = _install_tokenizer(tok, out)
     sizes = [f.stat().st_size for f in corpus.files]
-    shards = plan_shards(corpus, sizes, shard_bytes, max_chars, tok.can_cut)
-    if not tok.can_cut and any(s > shard_bytes and is_text(f) for f, s in zip(corpus.files, sizes)):
-        log.warning("tokenizer %s cannot encode a document in parts (see train/data/tokenizer.py): "
-                    "every plain-text file is encoded whole, by one worker", tokenizer_path)
+    shards = plan_shards(corpus, sizes, shard_bytes, max_chars)
     if not shards:
         raise DataError(f"data.source={corpus.name}: nothing to prepare (data.max_chars={max_chars})")
     planned = sum(p.end - p.start for shard in shards for p in shard)
@@ -223,13 +229,14 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
              "%d workers", corpus.name, out, len(shards), len(range(task_id, len(shards), num_tasks)),
              task_id, num_tasks, len(jobs), total_bytes / 1e6, workers)
     bar = _Progress(total_bytes, t0) if progress else None
-    tokens = 0
+    tokens = fallback_cuts = 0
     pool = None
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 record = write_shard(job, bar.add if bar else None)
                 tokens += record["train"]["tokens"] + record["val"]["tokens"]
+                fallback_cuts += record["fallback_cuts"]
         else:  # spawn: workers start clean (no inherited threads); they import no torch
             ctx = get_context("spawn")
             queue = ctx.Queue() if bar else None
@@ -241,6 +248,7 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
                 for future in done:
                     record = future.result()
                     tokens += record["train"]["tokens"] + record["val"]["tokens"]
+                    fallback_cuts += record["fallback_cuts"]
                 while bar is not None and not queue.empty():
                     bar.add(queue.get())
             while bar is not None and bar.bar.n < total_bytes:  # reports still in flight
@@ -251,7 +259,11 @@ def prepare_dataset(corpus: Corpus, tokenizer_path: Path, out: Path, *, val_frac
         if bar is not None:
             bar.close()
     manifest = finalize(out, required=False)
-    return Prepared(manifest, len(jobs), len(shards), tokens, time.perf_counter() - t0)
+    if fallback_cuts:
+        log.warning("%d fallback cuts: stretches of over %d bytes of text without an exact cut point "
+                    "were cut where the ids are not exactly the whole text's (see train/data/shards.py)",
+                    fallback_cuts, MAX_UNIT_BYTES)
+    return Prepared(manifest, len(jobs), len(shards), tokens, time.perf_counter() - t0, fallback_cuts, stale)
 
 
 def finalize(out: Path, *, required: bool = True) -> dict | None:
@@ -269,12 +281,31 @@ def finalize(out: Path, *, required: bool = True) -> dict | None:
         return None
     records = [json.loads((out / "shards" / f"{k:06d}.done.json").read_text()) for k in range(plan["shards"])]
     manifest = {**plan["manifest"], "shards": records,
+                "fallback_cuts": sum(r["fallback_cuts"] for r in records),
                 **{s: {key: sum(r[s][key] for r in records) for key in ("tokens", "units", "characters")}
                    for s in SPLITS}}
     text = json.dumps(manifest, indent=1, sort_keys=True).encode()
     if not (out / MANIFEST).is_file() or (out / MANIFEST).read_bytes() != text:
         write_atomic(out / MANIFEST, text)  # several last finishers write the same bytes
     return manifest
+
+
+def remove_dead_temporaries(out: Path) -> int:
+    """Remove the temporary files in `out` (and out/shards) of prepares that died (killed, preempted)
+    before renaming them into place; return how many. Only files of this host whose process is gone:
+    a temporary's name ends with the writer's pid@host (temp_suffix), and a live prepare on this or
+    another host (several tasks share one folder) is never touched."""
+    removed = 0
+    host = socket.gethostname()
+    for folder in (out, out / "shards"):
+        for path in folder.glob(".*tmp*"):
+            m = _TEMP.search(path.name)
+            if m and m["host"] == host and not _alive(int(m["pid"])):
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("removed %d temporary files of earlier prepares that died", removed)
+    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -449,8 +480,10 @@ def _run_cli(cfg) -> None:
               f"`python -m train.data.prepare prepare.out={out} prepare.finalize=true`) writes the manifest")
         return
     m = done.manifest
+    units = m['train']['units'] + m['val']['units']
     print(f"{out}: {m['train']['tokens']:,} train + {m['val']['tokens']:,} held-out tokens from "
-          f"{m['train']['units'] + m['val']['units']:,} documents ({len(m['shards'])} shards)")
+          f"{units:,} units ({m['val']['units']:,} held out, {len(m['shards'])} shards), "
+          f"{m['fallback_cuts']:,} fallback cuts (where the ids are not exact; see train/data/shards.py)")
     print(f"train on it with: data.source={out.resolve()}")
 
 

@@ -1,9 +1,11 @@
-"""Tokenizers: the one interface (`Tokenizer`, opened with `load_tokenizer`) with two backends, and
-the one place that decides which tokenizer a run uses (`resolve_tokenizer_path`).
+"""Tokenizers: the one interface (`Tokenizer`, train/data/tokenizer_base.py, opened with
+`load_tokenizer`) with two backends, and the one place that decides which tokenizer a run uses
+(`resolve_tokenizer_path`).
 
-Backends: a sentencepiece `.model` (Llama 2's, or one trained here) and a Hugging Face
-`tokenizer.json` (Llama 3's byte-level BPE; train/data/hf_tokenizer.py). A folder stands for the
-tokenizer it holds: tokenizer.model if present, else tokenizer.json.
+Backends: a sentencepiece `.model` (Llama 2's, or one trained here; train/data/sp_tokenizer.py) and
+a Hugging Face `tokenizer.json` (Llama 3's or SmolLM2's byte-level BPE, or any other;
+train/data/hf_tokenizer.py). They build on tokenizer_base.py and do not import each other or this
+module. A folder stands for the tokenizer it holds: tokenizer.model if present, else tokenizer.json.
 
 A trained tokenizer is sentencepiece and Llama-2-like: BPE with byte fallback (no unknown
 characters: anything outside the vocabulary is spelled in bytes, so decode(encode(text)) == text),
@@ -15,23 +17,27 @@ model was imported: an imported model's ids mean its own tokenizer's tokens.
 """
 from __future__ import annotations
 
-import abc
-import hashlib
 import io
 import json
 import logging
 import os
 import random
+import socket
 import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as spm_model
 
 from train.config import ConfigError, DataConfig, ModelConfig
+from train.data.hf_tokenizer import HFTokenizer
 from train.data.sources import DataError
+from train.data.sp_tokenizer import SentencePieceTokenizer
+from train.data.tokenizer_base import Tokenizer
+
+__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "copy_tokenizer", "find_tokenizer_file",
+           "load_tokenizer", "resolve_tokenizer_path", "temp_suffix", "train_tokenizer", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -41,142 +47,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # Training input is cut into pieces of this many characters and a random subset of pieces is kept,
 # so a corpus of one huge document is sampled as evenly as one of many small files.
 _PIECE_CHARS = 16_384
-
-
-class Tokenizer(abc.ABC):
-    """What the data pipeline, training, export and decoding use of a tokenizer, whichever backend:
-    `path` (the file opened), `files` (every file that defines it), `digest`, `vocab_size`,
-    `bos_id`, `eos_id`, `encode` (adds no BOS/EOS: packing adds them around each document; text
-    is always text: a special token's string in it is not that token), `encode_batch`, `decode`,
-    `check_fits`, and for prepare's cutting of large documents `can_cut` and
-    `encode_continuations`. Open one with `load_tokenizer`.
-
-    Cutting (train/data/shards.py): a large document may be encoded in parts only at a *cut point*,
-    a space between two ASCII letters ("a| b"), and only by a tokenizer whose `can_cut` says that
-    encoding a document's text before such a point (`encode`) and from it (`encode_continuations`)
-    gives exactly the ids of encoding the document whole. `can_cut` holds only for tokenizer
-    kinds where this follows from how they encode (see each backend); any other tokenizer encodes
-    every document whole."""
-
-    path: Path
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-
-    @property
-    def files(self) -> list[Path]:
-        return [self.path]
-
-    @property
-    @abc.abstractmethod
-    def digest(self) -> str:
-        """sha256 of what maps text to ids: what prepared data and checkpoints record to know that
-        two runs map text to the same ids."""
-
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]: ...
-
-    @abc.abstractmethod
-    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]: ...
-
-    @abc.abstractmethod
-    def decode(self, ids: Iterable[int]) -> str: ...
-
-    can_cut: bool = False
-
-    def encode_continuations(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        """Encode texts that continue a document from a cut point (each starts with the space of
-        "a| b"); only for a tokenizer that `can_cut`."""
-        if not self.can_cut:
-            raise ValueError(f"{self!r} cannot encode a document in parts")
-        return self.encode_batch(texts, num_threads)
-
-    def check_fits(self, model_vocab_size: int) -> None:
-        """Every token id must index the model's embedding."""
-        if self.vocab_size > model_vocab_size:
-            raise DataError(
-                f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary "
-                f"(model.vocab_size) has only {model_vocab_size}; set model.vocab_size >= "
-                f"{self.vocab_size} or use another tokenizer (data.tokenizer)")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece model.
-
-    Cutting: a BPE model splits its normalised text into words, each starting at a "▁" (a space),
-    and encodes every word on its own (sentencepiece's SplitIntoWords; with whitespace-only pieces
-    allowed, a run of spaces joins the word after it, still starting at the run's first space).
-    The space of "a| b" therefore always starts a word, so the ids of a document are those of the
-    text before the cut followed by those of the text from it, provided normalisation is local
-    (the identity rule: no character map, extra whitespace kept, as in Llama 2's model), no
-    user-defined symbol can straddle the cut, and the continuation gets no dummy prefix: it is
-    encoded by a copy of the model with add_dummy_prefix off (Llama 2's has it on, so encoding a
-    continuation as it is would add a "▁" to it)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"tokenizer {self.path} does not exist")
-        try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (RuntimeError, OSError) as e:
-            raise DataError(f"tokenizer {self.path} is not a sentencepiece model ({e}); a Llama 3 "
-                            f"folder's tokenizer is its tokenizer.json") from None
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise DataError(f"tokenizer {self.path} defines no BOS/EOS token "
-                            f"(bos_id={self.bos_id}, eos_id={self.eos_id}); documents need both")
-        proto = spm_model.ModelProto()
-        proto.ParseFromString(self.path.read_bytes())
-        norm, trainer = proto.normalizer_spec, proto.trainer_spec
-        self.can_cut = (trainer.model_type == spm_model.TrainerSpec.BPE and trainer.split_by_whitespace
-                        and not trainer.treat_whitespace_as_suffix and norm.name == "identity"
-                        and not norm.precompiled_charsmap and not norm.remove_extra_whitespaces
-                        and norm.escape_whitespaces
-                        and not any(p.type == p.USER_DEFINED for p in proto.pieces))
-        self._continuation = self._sp
-        if self.can_cut and norm.add_dummy_prefix:
-            norm.add_dummy_prefix = False
-            self._continuation = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        """-1 when the model has none (Llama 2's)."""
-        return self._sp.pad_id()
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    @property
-    def digest(self) -> str:
-        """sha256 of the .model file's content."""
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
-
-    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        """Encode many texts at once (sentencepiece's own threads; default: all cores)."""
-        return self._sp.encode(texts, num_threads=num_threads or os.cpu_count() or 1)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
-
-    def encode_continuations(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
-        if not self.can_cut:
-            raise ValueError(f"{self!r} cannot encode a document in parts")
-        return self._continuation.encode(texts, num_threads=num_threads or os.cpu_count() or 1)
 
 
 def find_tokenizer_file(path: str | os.PathLike) -> Path | None:
@@ -199,7 +69,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         what = "holds no tokenizer.model or tokenizer.json" if p.is_dir() else "does not exist"
         raise DataError(f"tokenizer {p} {what}")
     if file.suffix == ".json":
-        from train.data.hf_tokenizer import HFTokenizer  # (it builds on Tokenizer, defined above)
         return HFTokenizer(file)
     return SentencePieceTokenizer(file)
 
@@ -317,11 +186,18 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, *
     return tok
 
 
+def temp_suffix() -> str:
+    """What ends the name of a temporary file: -<pid>@<host>, so that a later run can tell a dead
+    writer's leftovers (its process gone from this host) from a live one's
+    (train/data/prepare.py's remove_dead_temporaries)."""
+    return f"-{os.getpid()}@{socket.gethostname()}"
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and one rename, so a
     reader never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=temp_suffix(), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
