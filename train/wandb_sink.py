@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import secrets
+import string
 from pathlib import Path
 
 from train.config import ConfigError, LoggingConfig
@@ -46,8 +48,8 @@ def choose_run_id(run_dir: Path, from_checkpoint: str | None, resumed: bool) -> 
         return from_checkpoint
     if resumed and (stored := stored_run_id(run_dir)):
         return stored
-    from wandb.util import generate_id
-    return generate_id()
+    alphabet = string.ascii_lowercase + string.digits  # W&B's own run ids: 8 of these
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 class WandbSink:
