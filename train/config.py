@@ -381,6 +381,7 @@ class LoggingConfig:
     wandb_entity: str | None = None  # team or user; None: W&B's default entity
     # Each block's gradient norm every N steps (train/grad_norms.py); 0: off.
     block_grad_norms_every: int = 10
+    stragglers: bool = True  # time each rank's own compute to name the slowest (train/stragglers.py)
 
     def validate(self) -> None:
         if self.every < 1:

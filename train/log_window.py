@@ -88,7 +88,8 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
         values["throughput/mfu_pct"] = mfu
     if window.final:
         values["loss/final"] = sum(window.final) / len(window.final)
-    straggler = straggler_metrics([t / window.steps for t in window.rank_compute_s]) if window.rank_compute_s else {}
+    straggler = (straggler_metrics([t / window.steps for t in window.rank_compute_s])
+                 if r.compute_timer is not None and window.rank_compute_s else {})
     values.update(straggler)
     if r.spikes is not None:
         values.update(r.spikes.metrics())

@@ -213,7 +213,7 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     return Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims,
                dp_group=dims.dp_mesh.get_group(), run_dir=run_dir, data=data, model=model,
                optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt, identity=identity,
-               spikes=spikes, compute_timer=ComputeTimer(model, device))
+               spikes=spikes, compute_timer=ComputeTimer(model, device) if cfg.logging.stragglers else None)
 
 
 # --------------------------------------------------------------------------- resume
@@ -366,7 +366,10 @@ def _wandb_sink(r: Run) -> WandbSink | None:
     if not (r.cfg.logging.wandb and r.is_main):
         return None
     r.wandb_run_id = choose_run_id(r.run_dir, r.wandb_run_id, resumed=r.state.step > 0)
-    return WandbSink(r.cfg.logging, r.run_dir, r.wandb_run_id, name=r.run_dir.name, config=to_dict(r.cfg))
+    sink = WandbSink(r.cfg.logging, r.run_dir, r.wandb_run_id, name=r.run_dir.name, config=to_dict(r.cfg))
+    if r.state.step > 0:  # what the last attempt's W&B service may have lost (train/wandb_sink.py)
+        sink.backfill(r.run_dir / "metrics.jsonl", r.state.step)
+    return sink
 
 
 def train_loop(r: Run) -> Path:

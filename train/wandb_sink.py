@@ -9,6 +9,11 @@ starts a new W&B run. W&B ignores a step lower than one it already holds: after 
 preemption, which saves the step in progress) the steps between the last checkpoint and the crash
 are logged once, by the first attempt.
 
+A preemption signal sent to every process of the job (as Slurm and `scancel` do) also stops W&B's
+own service process, which then loses what it had not yet written or uploaded. So a resumed run
+first backfills its W&B history from RUN_DIR/metrics.jsonl (every step W&B does not hold yet, up to
+the resumed step); the history has no gap however the last attempt ended.
+
 `WANDB_MODE=offline` (no network) writes the run under RUN_DIR/wandb/ for a later `wandb sync`;
 every other WANDB_* variable (WANDB_API_KEY, WANDB_BASE_URL, ...) applies as usual.
 W&B's sections come from the keys' first component (`loss`, `val`, `layerskip`, ...): every exit's
@@ -70,8 +75,48 @@ class WandbSink:
                                resume="allow", name=name, dir=str(run_dir), config=config)
         log.info("W&B run %s (%s)", run_id, os.environ.get("WANDB_MODE", "online"))
 
+    def backfill(self, metrics_jsonl: Path, upto_step: int) -> int:
+        """Log the records of `metrics_jsonl` (the last one of each step) from the first step
+        this W&B run does not hold up to `upto_step`; returns how many steps were sent."""
+        if self._run is None or not Path(metrics_jsonl).is_file():
+            return 0
+        from train.metrics import ALIASES
+        first = int(getattr(self._run, "step", 0) or 0)  # the next step W&B expects (0 offline)
+        rows: dict[int, dict[str, float]] = {}
+        for line in Path(metrics_jsonl).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+            step = record.get("step")
+            if not isinstance(step, int) or not first <= step <= upto_step:
+                continue
+            values = {k: v for k, v in record.items() if k not in ("step", "time")
+                      and k not in ALIASES.values() and isinstance(v, (int, float))}
+            rows.setdefault(step, {}).update(values)  # training and validation records of a step
+        for step in sorted(rows):
+            self.log(step, rows[step])
+        return len(rows)
+
     def log(self, step: int, values: dict[str, float]) -> None:
-        self._run.log({k: float(v) for k, v in values.items() if math.isfinite(float(v))}, step=step)
+        if self._run is None:
+            return
+        try:
+            self._run.log({k: float(v) for k, v in values.items() if math.isfinite(float(v))}, step=step)
+        except Exception as e:  # noqa: BLE001 - W&B trouble must never stop the training
+            self._failed(e)
 
     def close(self) -> None:
-        self._run.finish()
+        if self._run is None:
+            return
+        try:
+            self._run.finish()
+        except Exception as e:  # noqa: BLE001
+            self._failed(e)
+        self._run = None
+
+    def _failed(self, error: Exception) -> None:
+        """W&B (its service process, the network) failed: warn once and go on without it; the
+        metrics are still in metrics.jsonl (and TensorBoard)."""
+        log.warning("W&B logging stopped (%s: %s); metrics.jsonl keeps every metric", type(error).__name__, error)
+        self._run = None

@@ -154,7 +154,7 @@ def test_every_metric_key_and_setting_is_documented() -> None:
         assert f"`{key}" in page, key
     for name in vars(MonitorConfig()):
         assert f"monitor.{name}" in page, name
-    for name in ("wandb", "wandb_project", "wandb_entity", "block_grad_norms_every"):
+    for name in ("wandb", "wandb_project", "wandb_entity", "block_grad_norms_every", "stragglers"):
         assert f"logging.{name}" in page, name
     assert "## What to do with a spike or a straggler" in page
     assert LoggingConfig().wandb is False  # off by default
