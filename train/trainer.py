@@ -13,8 +13,12 @@ The phases, in the order a run goes through them, each in one place:
                   checkpoints), `stop_for_preemption` (a signalled run saves and stops,
                   train/preemption.py)
 
-Around the loop: `HangDumps` (every rank's stacks when it stalls, parallel/distributed.py) and,
-with profiling.enable, a `StepProfiler` (train/profiling.py).
+Around the loop: `HangDumps` (every rank's stacks when it stalls, parallel/distributed.py), NCCL's
+flight recorder (train/flight_recorder.py), the garbage collector's schedule (train/gc_control.py),
+with profiling.enable a `StepProfiler` (train/profiling.py), and with logging.wandb a W&B sink
+(train/wandb_sink.py). Each step may measure per-block gradient norms (train/grad_norms.py) and
+each rank's own compute time (train/stragglers.py), and is judged for a loss spike
+(train/spikes.py) the same way on every rank.
 """
 from __future__ import annotations
 
@@ -38,12 +42,12 @@ from train.checkpoint import CheckpointManager, complete_checkpoints, step_dir_n
 from train.config import Config, ConfigError, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
-from train.layerskip.curriculum import ExitCurriculum
-from train.layerskip.dropout import LayerDropout
-from train.layerskip.exit_loss import make_exit_loss
 from train.flight_recorder import configure_flight_recorder
 from train.gc_control import GarbageCollection
 from train.grad_norms import block_grad_norms
+from train.layerskip.curriculum import ExitCurriculum
+from train.layerskip.dropout import LayerDropout
+from train.layerskip.exit_loss import make_exit_loss
 from train.log_window import LogWindow, log_window, throughput_model
 from train.metrics import MetricsLogger
 from train.model import build_model, init_model
