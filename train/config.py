@@ -457,12 +457,53 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where metrics go (docs/metrics.md lists every key)."""
     every: int = 10
     tensorboard: bool = True
+    # Weights & Biases (pip install wandb), from rank 0; one W&B run per run across requeues
+    # (train/wandb_sink.py). WANDB_MODE=offline works without network.
+    wandb: bool = False
+    wandb_project: str = "layerskip-titan"
+    wandb_entity: str | None = None  # team or user; None: W&B's default entity
+    # Each block's gradient norm every N steps (train/grad_norms.py); 0: off.
+    block_grad_norms_every: int = 10
+    stragglers: bool = True  # time each rank's own compute to name the slowest (train/stragglers.py)
 
     def validate(self) -> None:
         if self.every < 1:
             raise ConfigError(f"logging.every must be >= 1, got {self.every}")
+        if self.block_grad_norms_every < 0:
+            raise ConfigError(f"logging.block_grad_norms_every must be >= 0 (0: off), got "
+                              f"{self.block_grad_norms_every}")
+        if self.wandb and not self.wandb_project:
+            raise ConfigError("logging.wandb_project is empty: name the W&B project")
+
+
+@dataclass
+class MonitorConfig:
+    """Training stability: loss-spike handling (train/spikes.py), Python's garbage collector
+    (train/gc_control.py) and NCCL's flight recorder (train/flight_recorder.py)."""
+    spike: str = "warn"  # off | warn | skip: what a loss or gradient-norm spike does
+    spike_sigma: float = 6.0  # a spike: more than this many standard deviations above the window
+    spike_window: int = 128  # accepted steps in the running window; detection starts once full
+    spike_max_skips: int = 5  # consecutive skips, then the new level is accepted (skip mode)
+    gc_every: int = 50  # collect garbage every N steps, automatic collection off; 0: Python's own
+    nccl_trace_buffer: int = 20000  # flight-recorder entries per rank (unless set in the env); 0: off
+
+    def validate(self) -> None:
+        if self.spike not in ("off", "warn", "skip"):
+            raise ConfigError(f"monitor.spike must be off|warn|skip, got {self.spike!r}")
+        if not self.spike_sigma > 0:
+            raise ConfigError(f"monitor.spike_sigma must be positive, got {self.spike_sigma}")
+        if self.spike_window < 2:
+            raise ConfigError(f"monitor.spike_window must be >= 2, got {self.spike_window}")
+        if self.spike_max_skips < 0:
+            raise ConfigError(f"monitor.spike_max_skips must be >= 0, got {self.spike_max_skips}")
+        if self.gc_every < 0:
+            raise ConfigError(f"monitor.gc_every must be >= 0 (0: automatic), got {self.gc_every}")
+        if self.nccl_trace_buffer < 0:
+            raise ConfigError(f"monitor.nccl_trace_buffer must be >= 0 (0: off), got "
+                              f"{self.nccl_trace_buffer}")
 
 
 @dataclass
@@ -548,6 +589,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: RunConfig = field(default_factory=RunConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -563,6 +605,7 @@ class Config:
         self.parallel.validate()
         self.checkpoint.validate()
         self.logging.validate()
+        self.monitor.validate()
         self.eval.validate()
         self.train.validate()
         self.prepare.validate()

@@ -1,22 +1,21 @@
 """The logging window: the steps since the last metrics line, and the line that reports them
-(loss per exit, learning rate, throughput and MFU, the ranks' balance, LayerSkip's saved compute).
+(loss per exit, learning rate, throughput and MFU, the ranks' balance and the straggler, loss
+spikes, per-block gradient norms, LayerSkip's saved compute). docs/metrics.md lists every key.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
-
 import torch
 
 from parallel.parallelize import wrapper_of
-from train.metrics import (MetricsLogger, block_key, device_peak_flops, exit_key, memory_stats, mfu_pct,
+from train.metrics import (MetricsLogger, block_key, block_norm_metrics, device_peak_flops, exit_key,
+                           memory_stats, mfu_pct,
                            rank_balance)
 from train.model import flops_per_token
-
-if TYPE_CHECKING:
-    from train.trainer import Run, StepResult
+from train.run_state import Run, StepResult
+from train.stragglers import straggler_metrics
 
 log = logging.getLogger("train")
 
@@ -41,6 +40,10 @@ class LogWindow:
         self.kept = [0.0] * n_layers  # per-block kept fractions summed over the steps
         self.rank_step_s: list[float] = []  # by rank, summed over the steps
         self.rank_kept: list[float] = []
+        self.rank_compute_s: list[float] = []  # by rank: own compute time (train/stragglers.py)
+        self.final: list[float] = []  # the final layer's loss of each applied step
+        self.block_grad_norms: list[float] | None = None  # the window's last measurement
+        self.skipped = 0  # spike skips (no update) in the window
 
     def add(self, result: StepResult, tokens: int, tp: Throughput) -> None:
         kept_mean = sum(result.kept) / len(result.kept)
@@ -49,8 +52,16 @@ class LogWindow:
                                 + tp.head_flops_tok * len(result.weights))
         self.steps += 1
         self.kept = [a + k for a, k in zip(self.kept, result.kept)]
-        for l, w in result.weights.items():
-            self.exits.setdefault(l, []).append((result.losses[str(l)], w))
+        self.rank_compute_s = [a + b for a, b in zip(self.rank_compute_s or [0.0] * len(result.rank_compute_s),
+                                                     result.rank_compute_s)]
+        if result.block_grad_norms is not None:
+            self.block_grad_norms = result.block_grad_norms
+        if result.skipped:  # its work counts in the throughput; its losses do not describe the model
+            self.skipped += 1
+        else:
+            self.final.append(result.final_loss)
+            for l, w in result.weights.items():
+                self.exits.setdefault(l, []).append((result.losses[str(l)], w))
         self.rank_step_s = [a + b for a, b in zip(self.rank_step_s or [0.0] * len(result.rank_step_s),
                                                   result.rank_step_s)]
         self.rank_kept = [a + b for a, b in zip(self.rank_kept or [0.0] * len(result.rank_kept),
@@ -76,6 +87,15 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
               **balance, **memory_stats(r.device), **r.data.train_tokens_by_source()}
     if mfu is not None:
         values["throughput/mfu_pct"] = mfu
+    if window.final:
+        values["loss/final"] = sum(window.final) / len(window.final)
+    straggler = (straggler_metrics([t / window.steps for t in window.rank_compute_s])
+                 if r.compute_timer is not None and window.rank_compute_s else {})
+    values.update(straggler)
+    if r.spikes is not None:
+        values.update(r.spikes.metrics())
+    if window.block_grad_norms is not None:
+        values.update(block_norm_metrics(window.block_grad_norms))
     for l, seen in sorted(window.exits.items()):  # l: block index; its output is exit E = l + 1
         values[exit_key("loss", l + 1)] = sum(v for v, _ in seen) / len(seen)
         values[exit_key("layerskip/exit_weight", l + 1)] = sum(w for _, w in seen) / len(seen)
@@ -88,6 +108,10 @@ def log_window(r: Run, window: LogWindow, last: StepResult, tp: Throughput,
         f"gnorm {last.grad_norm:.3f} | {tps:,.0f} tok/s | "
         f"MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
         f"ranks {balance['balance/fastest_step_s']:.3f}-{balance['balance/slowest_step_s']:.3f}s | "
+        + (f"slowest rank {straggler['straggler/rank']} (+{straggler['straggler/excess_pct']:.0f}% compute) | "
+           if straggler and r.world > 1 else "")
+        + (f"spikes {r.spikes.detected} (skipped {r.spikes.skipped}) | " if r.spikes is not None and r.spikes.detected
+           else "") +
         f"exits E {[l + 1 for l in sorted(window.exits)]} | "
         f"saved {100 * values['layerskip/saved_block_compute']:.1f}% | ETA {eta:.0f}s"))
 

@@ -1,4 +1,5 @@
-"""Metrics sinks: console, `metrics.jsonl` and TensorBoard, written by global rank 0 only.
+"""Metrics sinks: console, `metrics.jsonl`, TensorBoard and (optional) Weights & Biases, written by
+global rank 0 only. docs/metrics.md lists every key and what it means.
 
 Keys are TensorBoard tags (`loss/total`, `loss/exit_04`, `val/loss/exit_04`, `throughput/tokens_per_s`,
 ...). Exits are named by E, the blocks run (`exit_04`: the output of the 4th block through the
@@ -53,14 +54,23 @@ def tensorboard_layout(n_layers: int) -> dict:
         "validation top-1 agreement with the full model": ["Multiline", tags("val/agree")],
         "layer-dropout rate by block (1..L)": ["Multiline", tags("layerskip/drop_fraction", block_key)],
         "early-exit loss weight by exit E": ["Multiline", tags("layerskip/exit_weight")],
+        "gradient norm by block (1..L)": ["Multiline", tags("grad_norm", block_key)],
     }}
 
 
+def block_norm_metrics(norms: list[float]) -> dict[str, float]:
+    """Per-block gradient norms as metrics: `grad_norm/block_BB` for block BB = 1..L (the BB-th
+    block from the embedding, the last block that exit E = BB runs)."""
+    return {block_key("grad_norm", b): v for b, v in enumerate(norms, start=1)}
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, n_layers: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, n_layers: int | None = None,
+                 wandb=None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._wandb = wandb  # train/wandb_sink.WandbSink, or None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +95,8 @@ class MetricsLogger:
             if self._tb is not None and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._jsonl.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(step, values)
         if console:
             log.info(console)
 
@@ -93,6 +105,9 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:

@@ -13,8 +13,12 @@ The phases, in the order a run goes through them, each in one place:
                   checkpoints), `stop_for_preemption` (a signalled run saves and stops,
                   train/preemption.py)
 
-Around the loop: `HangDumps` (every rank's stacks when it stalls, parallel/distributed.py) and,
-with profiling.enable, a `StepProfiler` (train/profiling.py).
+Around the loop: `HangDumps` (every rank's stacks when it stalls, parallel/distributed.py), NCCL's
+flight recorder (train/flight_recorder.py), the garbage collector's schedule (train/gc_control.py),
+with profiling.enable a `StepProfiler` (train/profiling.py), and with logging.wandb a W&B sink
+(train/wandb_sink.py). Each step may measure per-block gradient norms (train/grad_norms.py) and
+each rank's own compute time (train/stragglers.py), and is judged for a loss spike
+(train/spikes.py) the same way on every rank.
 """
 from __future__ import annotations
 
@@ -25,11 +29,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from parallel.dims import ParallelDims
 from parallel.distributed import (HangDumps, clip_grad_norm_, destroy, gather_rows, init_distributed,
@@ -39,6 +42,9 @@ from train.checkpoint import CheckpointManager, complete_checkpoints, step_dir_n
 from train.config import Config, ConfigError, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
+from train.flight_recorder import configure_flight_recorder
+from train.gc_control import GarbageCollection
+from train.grad_norms import block_grad_norms
 from train.layerskip.curriculum import ExitCurriculum
 from train.layerskip.dropout import LayerDropout
 from train.layerskip.exit_loss import make_exit_loss
@@ -50,7 +56,11 @@ from train.preemption import PreemptionWatch, Preempted, write_marker
 from train.preemption import exit_code as preempted_exit_code
 from train.profiling import build_profiler
 from train.run_identity import check_identity, default_run_dir, identity_hash, run_identity, write_identity
+from train.run_state import Run, StepResult, TrainState
+from train.spikes import SKIP, WARN, SpikeDetector
+from train.stragglers import ComputeTimer
 from train.validation import loss_context, validate, validation_due
+from train.wandb_sink import WandbSink, choose_run_id
 
 log = logging.getLogger("train")
 
@@ -61,14 +71,6 @@ class NonFiniteLossError(RuntimeError):
 
 class CollectiveTimeoutError(RuntimeError):
     """A collective a peer never joined; the message names the hang dumps."""
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Counters that, with the model, optimizer and data position, define where a run stands.
-    The LR schedule, curriculum and dropout decisions are pure functions of (seed, step)."""
-    step: int = 0  # optimizer steps completed
-    tokens_seen: int = 0
 
 
 def resolve_run_dir(cfg: Config, dp_world: int) -> Path:
@@ -144,53 +146,12 @@ def init_weights(model, cfg: Config, device: torch.device, rank: int) -> None:
         load_full_state_dict(model, full)
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything `build_run` wires together; the loop's phases read (and `state` records) it."""
-    cfg: Config
-    rank: int
-    world: int
-    device: torch.device
-    dims: ParallelDims
-    dp_group: Any
-    run_dir: Path
-    data: Any
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    dropout: LayerDropout
-    curriculum: ExitCurriculum
-    ckpt: CheckpointManager
-    state: TrainState = dataclasses.field(default_factory=TrainState)
-    nan_streak: int = 0  # consecutive steps skipped for a non-finite loss (not checkpointed)
-    preemption: PreemptionWatch | None = None  # set by run(): the signals that stop the run
-    identity: dict = dataclasses.field(default_factory=dict)  # train/run_identity.py
-
-    def any_rank_signalled(self) -> bool:
-        """Collective (every rank calls it at the same point): did some rank get a preemption
-        signal? The step's own sync carries the flag too; this asks between steps."""
-        mine = float(self.preemption is not None and self.preemption.requested)
-        return any(row[0] > 0 for row in gather_rows([mine]))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def n_layers(self) -> int:
-        return self.cfg.model.n_layers
-
-    def extra_state(self) -> dict:
-        """The JSON part of a checkpoint: where the run stands besides the tensors."""
-        return {"train_state": dataclasses.asdict(self.state), "data": self.data.train.state_dict(),
-                "dropout": self.dropout.state_dict(), "curriculum": self.curriculum.state_dict(),
-                "torch_rng": torch.get_rng_state().tolist()}
-
-
 def run(cfg: Config) -> Path:
     """Train as `cfg` says; returns the run directory. Raises `Preempted` after the checkpoint a
     preemption signal asked for (the entry point turns it into the exit code)."""
     # First: a signal that arrives while the run builds must not kill it before it can save.
     watch = PreemptionWatch(cfg.preempt.signals)
+    configure_flight_recorder(cfg.monitor.nccl_trace_buffer)  # read when the NCCL group is created
     try:
         rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
         r = build_run(cfg, rank, world, device)
@@ -251,9 +212,12 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     curriculum = ExitCurriculum(cfg.layerskip.exit, n_layers=L, total_steps=cfg.train.steps)
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, rank=rank, world=world,
                              model_cfg=cfg.model)
+    m = cfg.monitor
+    spikes = SpikeDetector(m.spike, m.spike_sigma, m.spike_window, m.spike_max_skips)
     return Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims,
                dp_group=dims.dp_mesh.get_group(), run_dir=run_dir, data=data, model=model,
-               optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt, identity=identity)
+               optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt, identity=identity,
+               spikes=spikes, compute_timer=ComputeTimer(model, device) if cfg.logging.stragglers else None)
 
 
 # --------------------------------------------------------------------------- resume
@@ -269,6 +233,9 @@ def resume(r: Run) -> None:
         r.curriculum.load_state_dict(resumed["curriculum"])
         if "torch_rng" in resumed:
             torch.set_rng_state(torch.tensor(resumed["torch_rng"], dtype=torch.uint8))
+        if "spikes" in resumed and r.spikes is not None:
+            r.spikes.load_state_dict(resumed["spikes"])
+        r.wandb_run_id = resumed.get("wandb_run_id")
         log.info("resumed from step %d (%s)", r.state.step, r.ckpt.folder)
     if r.is_main:  # only now: a refused resume must not overwrite the config of the run it refused
         _write_config(r.cfg, r.run_dir)
@@ -277,23 +244,11 @@ def resume(r: Run) -> None:
 
 # --------------------------------------------------------------------------- one step
 
-@dataclasses.dataclass
-class StepResult:
-    """One optimizer step, as every rank agrees on it (means over the ranks; tensor-parallel
-    ranks of a group hold the same values, so these are the data-parallel means)."""
-    lr: float
-    weights: dict[int, float]  # active exit -> normalised weight (the last layer included)
-    losses: dict[str, float]  # "total" and one entry per active exit (str(layer))
-    grad_norm: float
-    kept: list[float]  # per block: fraction of the global batch's samples that ran it
-    rank_step_s: list[float]  # by rank: seconds from the step's start to its metrics sync
-    rank_kept: list[float]  # by rank: mean over blocks of the fraction of its samples kept
-    preempt: bool  # some rank received a preemption signal
-
-
 def train_step(r: Run, batches: Iterator) -> StepResult:
     """Forward + backward over grad_accum micro-batches, clip, reduce the metrics over the
-    data-parallel ranks, optimizer step (skipped for a non-finite loss), state.step += 1."""
+    data-parallel ranks, optimizer step (skipped for a non-finite loss), state.step += 1. A loss
+    spike in monitor.spike=skip mode applies no update and leaves state.step as it was (the next
+    batch is trained at the same step, train/spikes.py)."""
     cfg, L, step = r.cfg, r.n_layers, r.state.step
     started = time.perf_counter()
     accum = cfg.train.grad_accum
@@ -317,25 +272,48 @@ def train_step(r: Run, batches: Iterator) -> StepResult:
         parts = torch.stack([out.loss.detach()] + [out.per_layer[l].detach() for l in weights])
         totals = parts / accum if totals is None else totals + parts / accum
         kept = [k + f / accum for k, f in zip(kept, plan.kept_fraction)]
+    every = cfg.logging.block_grad_norms_every
+    block_norms = block_grad_norms(r.model) if every and (step + 1) % every == 0 else None  # before clipping
     norm = clip_grad_norm_(list(r.model.parameters()), cfg.optim.grad_clip)
     # the step's one device->host sync: losses and the gradient norm together
     host = torch.cat([totals.double(), norm.to(totals.device, torch.float64).reshape(1)]).tolist()
     grad_norm = host.pop()
-    # The step's one collective for metrics: every rank's losses, kept fractions, step time and
-    # preemption flag, so the means, the slowest/fastest rank and "anyone signalled" agree.
+    compute_s = r.compute_timer.take() if r.compute_timer is not None else 0.0  # after the sync
+    # The step's one collective for metrics: every rank's losses, kept fractions, own compute
+    # time, step time and preemption flag, so the means, the straggler and "anyone signalled" agree.
     signalled = float(r.preemption is not None and r.preemption.requested)
-    rows = gather_rows(host + kept + [time.perf_counter() - started, signalled])
+    rows = gather_rows(host + kept + [compute_s, time.perf_counter() - started, signalled])
     n = len(rows)
     mean = [sum(col) / n for col in zip(*rows)]
     losses = {"total": mean[0], **{str(l): v for l, v in zip(weights, mean[1:len(host)])}}
+    final = 1 + list(weights).index(L - 1)  # the final layer's column
     kept = mean[len(host):len(host) + L]  # the global batch's, not this rank's
+    result = StepResult(lr=lr, weights=weights, losses=losses, grad_norm=grad_norm, kept=kept,
+                        rank_step_s=[row[-2] for row in rows],
+                        rank_kept=[sum(row[len(host):len(host) + L]) / L for row in rows],
+                        preempt=any(row[-1] > 0 for row in rows), final_loss=mean[final],
+                        rank_final_loss=[row[final] for row in rows], rank_compute_s=[row[-3] for row in rows],
+                        block_grad_norms=block_norms)
+    # Every rank judges the same gathered values against the same window: one verdict everywhere.
+    if r.spikes is not None and math.isfinite(losses["total"]) and math.isfinite(grad_norm):
+        result.spike = r.spikes.check(max(result.rank_final_loss), grad_norm)
+    if result.spike == SKIP:
+        r.optimizer.zero_grad(set_to_none=True)
+        result.skipped = True
+        if r.is_main:
+            worst = max(range(n), key=result.rank_final_loss.__getitem__)
+            log.warning("loss spike at step %d (final-layer loss %.4f on rank %d, z %.1f; gradient norm "
+                        "%.3g, z %.1f): update skipped, the next batch is trained at this step",
+                        step + 1, result.rank_final_loss[worst], worst, r.spikes.last_z[0], grad_norm,
+                        r.spikes.last_z[1])
+        return result
+    if result.spike == WARN and r.is_main:
+        log.warning("loss spike at step %d (final-layer loss z %.1f, gradient norm z %.1f above the last "
+                    "%d steps; monitor.spike=warn: applied)", step + 1, *r.spikes.last_z, cfg.monitor.spike_window)
     _optimizer_step(r, losses["total"], grad_norm, step)
     r.state.step += 1
     r.state.tokens_seen += cfg.data.batch_size * cfg.data.seq_len * accum * r.dims.dp_world
-    return StepResult(lr=lr, weights=weights, losses=losses, grad_norm=grad_norm, kept=kept,
-                      rank_step_s=[row[-2] for row in rows],
-                      rank_kept=[sum(row[len(host):len(host) + L]) / L for row in rows],
-                      preempt=any(row[-1] > 0 for row in rows))
+    return result
 
 
 def _optimizer_step(r: Run, loss: float, grad_norm: float, step: int) -> None:
@@ -387,13 +365,25 @@ def stop_for_preemption(r: Run) -> Preempted:
 
 # --------------------------------------------------------------------------- the loop
 
+def _wandb_sink(r: Run) -> WandbSink | None:
+    """Rank 0's W&B sink (logging.wandb), continuing the W&B run of the checkpoint it resumed."""
+    if not (r.cfg.logging.wandb and r.is_main):
+        return None
+    r.wandb_run_id = choose_run_id(r.run_dir, r.wandb_run_id, resumed=r.state.step > 0)
+    sink = WandbSink(r.cfg.logging, r.run_dir, r.wandb_run_id, name=r.run_dir.name, config=to_dict(r.cfg))
+    if r.state.step > 0:  # what the last attempt's W&B service may have lost (train/wandb_sink.py)
+        sink.backfill(r.run_dir / "metrics.jsonl", r.state.step)
+    return sink
+
+
 def train_loop(r: Run) -> Path:
     """Steps until train.steps: one step, then (when due) the metrics line, validation and a
     checkpoint. Returns the run directory."""
     cfg = r.cfg
     tp = throughput_model(r)
     metrics = MetricsLogger(r.run_dir, enabled=r.is_main, tensorboard=cfg.logging.tensorboard,
-                            n_layers=r.n_layers)
+                            n_layers=r.n_layers, wandb=_wandb_sink(r))
+    collector = GarbageCollection(cfg.monitor.gc_every)
     val_batches = [(i.to(r.device), y.to(r.device)) for i, y in r.data.val_batches(cfg.eval.batches)]
     source_val = {name: [(i.to(r.device), y.to(r.device)) for i, y in batches]  # mixtures: per source
                   for name, batches in r.data.source_val_batches(cfg.eval.batches).items()}
@@ -420,6 +410,11 @@ def train_loop(r: Run) -> Path:
             if profiler:
                 profiler.step_ended(r.state.step)
             window.add(result, step_tokens, tp)
+            if result.skipped:  # a spike: no update, the same step again on the next batch
+                if result.preempt:
+                    raise stop_for_preemption(r)
+                continue
+            collector.step(r.state.step)
             step, last = r.state.step, r.state.step == cfg.train.steps
             preempt = result.preempt
             if step % cfg.logging.every == 0 or last or preempt:
@@ -446,6 +441,7 @@ def train_loop(r: Run) -> Path:
         if profiler:
             profiler.close()
         metrics.close()
+        collector.close()
     if r.is_main:
         log.info("done: %d steps, %d tokens; run directory %s", r.state.step, r.state.tokens_seen,
                  r.run_dir.resolve())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor.parallel import loss_parallel
@@ -19,9 +18,7 @@ from parallel.distributed import all_reduce_mean
 from train.config import Config
 from train.layerskip.agreement import scores_fn
 from train.metrics import MetricsLogger, exit_key
-
-if TYPE_CHECKING:
-    from train.trainer import Run
+from train.run_state import Run
 
 
 def loss_context(tp: int):

@@ -3,8 +3,9 @@
 Reference: the tiny model in one process, fp32, on the whole batch. Each layout (FSDP 2, TP 2,
 FSDP 2 x TP 2) runs one forward/backward with per-block `keep` subsets -- including a block that
 keeps no sample on one data-parallel rank and a block that keeps none anywhere -- then clips the
-gradient norm. Loss, gradient norm and every clipped gradient must match the reference. A tied
-model (one matrix for embedding and head) does the same under FSDP2 x TP2.
+gradient norm. Loss, gradient norm, each block's gradient norm (train/grad_norms.py) and every
+clipped gradient must match the reference. A tied model (one matrix for embedding and head) does
+the same under FSDP2 x TP2.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ def _reference(max_norm_fraction: float, keep: bool, cfg: ModelConfig = CFG) -> 
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
     norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    blocks = [float(torch.nn.utils.get_total_norm([p.grad for p in b.parameters()])) for b in model.layers.values()]
     max_norm = max_norm_fraction * norm
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return dict(loss=loss.item(), norm=norm, max_norm=max_norm,
+    return dict(loss=loss.item(), norm=norm, max_norm=max_norm, blocks=blocks,
                 grads={n: p.grad.clone() for n, p in model.named_parameters()},
                 state_dict={k: v.clone() for k, v in model.state_dict().items()})
 
@@ -63,6 +65,7 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
 
     from parallel.distributed import all_reduce_mean, clip_grad_norm_
     from parallel.parallelize import load_full_state_dict, parallelize
+    from train.grad_norms import block_grad_norms
 
     dims = ParallelDims.from_config(pcfg, world)
     dims.check_model(cfg, SEQ)
@@ -81,6 +84,7 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
         loss.backward()
     local_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
     mean_loss = all_reduce_mean({"loss": local_loss.item()}, dims.dp_mesh)["loss"]
+    blocks = block_grad_norms(model)  # before clipping, as the trainer measures them
     norm = float(clip_grad_norm_(model.parameters(), max_norm))
     grads = {canonical_name(n): p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
              for n, p in model.named_parameters()}
@@ -88,7 +92,7 @@ def _step_worker(rank: int, world: int, pcfg: ParallelConfig, full_sd: dict, max
         from torch.distributed.fsdp import FSDPModule
         assert model.output.weight is model.tok_embeddings.weight
         assert not isinstance(model.tok_embeddings, FSDPModule)
-    return dict(loss=mean_loss, norm=norm, grads=grads if rank == 0 else None, wrapper=wrapper_of(model))
+    return dict(loss=mean_loss, norm=norm, blocks=blocks, grads=grads if rank == 0 else None, wrapper=wrapper_of(model))
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +145,7 @@ def _check(out: list[dict], reference: dict) -> None:
     for r in out:  # every rank reports the same global numbers
         assert r["loss"] == pytest.approx(reference["loss"], abs=1e-5)
         assert r["norm"] == pytest.approx(reference["norm"], abs=1e-5)
+        assert r["blocks"] == pytest.approx(reference["blocks"], abs=1e-5)
     grads = out[0]["grads"]
     assert set(grads) == set(reference["grads"])
     for name, g in reference["grads"].items():

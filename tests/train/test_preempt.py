@@ -7,7 +7,9 @@ behind, and the identical command then resumes and reproduces the uninterrupted 
 exactly (tests/_cluster.py holds the reference). The signal as each sender delivers it: to every
 process of the job at once (slurmstepd on preemption, `scancel`, `scontrol requeue`), to torchrun
 only, and to one rank only (the other ranks learn it in the step's sync, and torchrun, allowed
-restarts, must not restart the preempted workers)."""
+restarts, must not restart the preempted workers). The first test also logs to W&B offline
+(logging.wandb=true, WANDB_MODE=offline): the resumed run continues the same W&B run, its history
+complete up to the resumed step and continued from there."""
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +26,7 @@ import pytest
 from tests._cluster import (child_pids, complete_steps, default_run_dir, env, overrides, read_losses,
                             shared_reference, signal_after, signal_job, wait_gone)
 from tests._launch import ROOT, LaunchTimeout, start, wait_all
+from tests.train._wandb_records import history, run_id
 
 pytestmark = pytest.mark.slow
 EXIT_PREEMPTED = 75
@@ -55,11 +58,18 @@ def run_dirs():
         shutil.rmtree(path, ignore_errors=True)
 
 
+# W&B with no network: the run is written under RUN_DIR/wandb/ (train/wandb_sink.py)
+WANDB = ["logging.wandb=true"]
+WANDB_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
 def _single_node(corpus: Path, *extra: str, max_restarts: int | None = None) -> tuple[list, dict]:
     """`NPROC=2 bash launch/single_node.sh OVERRIDES` as the README shows it (this venv's torchrun)."""
     cmd = ["bash", str(ROOT / "launch" / "single_node.sh"), *overrides(corpus), *extra]
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     more = {"MAX_RESTARTS": str(max_restarts)} if max_restarts is not None else {}
+    if any(x in WANDB for x in extra):
+        more.update(WANDB_ENV)
     return cmd, env(NPROC="2", PATH=path, **more)
 
 
@@ -103,8 +113,8 @@ def _resume(corpus: Path, *extra: str) -> str:
 
 def test_sigterm_to_every_process_mid_step_saves_and_the_same_command_resumes(reference, run_dirs):
     corpus, want = reference
-    run_dir = run_dirs(corpus)
-    done, seen, left = _preempt(run_dir, corpus, _every_process)
+    run_dir = run_dirs(corpus, *WANDB)
+    done, seen, left = _preempt(run_dir, corpus, _every_process, *WANDB)
     assert done.returncode == EXIT_PREEMPTED, done.output[-4000:]
     assert "is killed by signal" not in done.output, done.output[-4000:]  # loader workers survived
     (saved,) = complete_steps(run_dir)  # interval 0: the signal's checkpoint is the only one
@@ -112,9 +122,19 @@ def test_sigterm_to_every_process_mid_step_saves_and_the_same_command_resumes(re
     assert "preempted (SIGTERM)" in done.output
     assert not left, f"processes of the job still running after it ended: {left}"
 
-    output = _resume(corpus)
+    output = _resume(corpus, *WANDB)
     assert f"resumed from step {saved}" in output
     assert read_losses(run_dir) == want
+    # one W&B run across the preemption: the resumed attempt's history continues at the next step
+    stored = json.loads((run_dir / "wandb.json").read_text())["run_id"]
+    first, second = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    assert run_id(first) == run_id(second) == stored
+    # The signal also stopped W&B's service process in the first attempt (it was part of the job),
+    # losing what it had not written; the resumed attempt backfills the history from metrics.jsonl.
+    assert set(history(first)) <= set(range(1, saved + 1))
+    assert sorted(history(second)) == list(range(1, max(want) + 1))
+    assert {"loss/total", "optim/grad_norm", "straggler/rank"} <= history(second)[saved]
+    assert {"loss/total", "optim/grad_norm", "straggler/rank"} <= history(second)[max(want)]
 
 
 def test_sigterm_to_every_process_during_validation_saves_that_step(reference, run_dirs):
