@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every performance figure of this project on one GPU, in one command (< 8 minutes on one H100 or
-# H200), as ratios against torchtitan measured in the same run on the same GPU:
+# Every performance figure of this project on one GPU, in one command (within a budget of 8 minutes,
+# GPU_SUITE_BUDGET_S), as ratios against torchtitan measured in the same run on the same GPU:
 #   1. torchtitan 0.2.2's own trainer (bench/titan_baseline/), eager and compiled, Llama-3.2-1B
 #      shapes, seq 4096, local batch 4, selective AC;
 #   2. our trainer, same shapes and settings, layerskip=none, eager and compiled;

@@ -1,4 +1,4 @@
-"""Early-exit curriculum C(t, l) and loss weights ẽ(t, l) (LAYERSKIP.md §2).
+"""Early-exit curriculum C(t, l) and loss weights ẽ(t, l) (docs/concepts.md).
 
 Exit l means the output of block l through the model's own final norm and head; the last block
 L-1 is the model's normal output and is always in the loss. The exits a run may use are

@@ -1,6 +1,6 @@
 """Per-sample layer dropout: which samples each block runs on, for one micro-batch.
 
-Rate (LAYERSKIP.md §1): p(l, t) = S(t) · D(l) · p_max, no 1/(1-p) rescaling. A dropped sample
+Rate (docs/concepts.md): p(l, t) = S(t) · D(l) · p_max, no 1/(1-p) rescaling. A dropped sample
 skips block l entirely; the model runs the block on the kept samples only (`keep[l]`), which is
 where the compute is saved.
 

@@ -11,7 +11,7 @@ time, in forward and in backward:
     chunk is dropped right away. grad_x is pushed through the norm immediately. Only grad_h
     (tokens × dim per exit, the size of the activations a recomputing loss would save) and one
     grad_W and grad_norm_weight (shared by all exits) are kept; backward merely scales them. That is
-    the three-GEMM lower bound per exit (ANCHORS.md): no recompute.
+    the three-GEMM lower bound per exit: no recompute.
 (b) checkpointed chunks (DTensor head weight, i.e. tensor parallel, or when forced): each chunk's
     loss runs under torch.utils.checkpoint, so its logits are recomputed in backward, one chunk at a
     time. Works for any head module: here model.unembed is called, so torchtitan's TP plan
