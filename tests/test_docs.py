@@ -213,8 +213,8 @@ def check_command(cmd: list[str]) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------- composing overrides
 
 def _placeholder(value: str) -> bool:
-    """`data.source=/data`, `model.init_from=HF_DIR`: values a user fills in. They compose as any
-    string; only the key is checked for those."""
+    """`model.init_from=HF_DIR`, `parallel.dry_run=WORLD`, `checkpoint.resume=<step>`, `run_dir=…`:
+    values a user fills in. Only their key is checked."""
     return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*(/.*)?|<[^>]*>|", value))
 
 
@@ -227,14 +227,21 @@ def compose_overrides(overrides: list[str]):
         return load_config(compose("train", overrides=overrides))
 
 
-def _composable(overrides: list[str]) -> list[str]:
-    out = []
+PATH_KEYS = {"init_from", "source", "tokenizer", "run_dir", "out", "cache_dir", "dry_run_json"}
+
+
+def _composable(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides to compose, keys of placeholder overrides to check by name only)."""
+    out, keys = [], []
     for o in overrides:
         key, value = OVERRIDE.match(o).groups()
-        if _placeholder(value):
-            value = "/some/path" if not value.startswith("<") else "x"
-        out.append(f"{key}={value}")
-    return out
+        if not _placeholder(value):
+            out.append(f"{key}={value}")
+        elif key.rsplit(".", 1)[-1] in PATH_KEYS:  # a path: any string composes, and model=hf needs one
+            out.append(f"{key}=/some/path")
+        else:
+            keys.append(key)
+    return out, keys
 
 
 # --------------------------------------------------------------------------- the schema's keys
@@ -348,11 +355,17 @@ def test_overrides_compose_against_the_schema():
 
     from train.config import load_config, register_schemas
     register_schemas()
+    known = {k for k, _ in schema_keys()} | GROUPS
+    known |= {k.rsplit(".", 1)[0] for k in known if "." in k}
     where: dict[tuple[str, ...], list[str]] = {}  # each distinct command line once (Hydra takes ~0.2 s)
+    unknown = []
     for page, cmd in all_commands():
         _, overrides = check_command(cmd)
         if overrides:
-            where.setdefault(tuple(_composable(overrides)), []).append(_rel(page))
+            composable, placeholder_keys = _composable(overrides)
+            unknown += [f"{_rel(page)}: {k}=… is not a key of the schema" for k in placeholder_keys
+                        if k not in known]
+            where.setdefault(tuple(composable), []).append(_rel(page))
     problems, composed = [], 0
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "recipes")):
         for overrides, pages in where.items():
@@ -365,6 +378,7 @@ def test_overrides_compose_against_the_schema():
                 problems.append(f"{pages[0]}: {' '.join(overrides)}\n    {type(e).__name__}: "
                                 f"{str(e).splitlines()[0]}")
     assert composed > 5
+    problems += unknown
     assert not problems, "\n".join(problems)
 
 
@@ -383,6 +397,20 @@ def test_inline_overrides_name_schema_keys():
                 continue  # not a setting (an environment variable, a Python keyword argument)
             problems.append(f"{_rel(page)}: `{key}=...` is not a key of the schema")
     assert not problems, "\n".join(problems)
+
+
+def test_the_walkthrough_submits_the_script_the_slurm_test_runs():
+    """The cluster walkthrough's job is launch/slurm.sbatch, the file tests/launch/test_slurm.py
+    submits to a real Slurm, warns and requeues; its time-limit warning is the one the page explains."""
+    page = DOCS / "cluster_walkthrough.md"
+    submitted = [cmd for p, cmd in all_commands() if p == page and cmd[0] == "sbatch"
+                 and not any(a.startswith("--wrap") for a in cmd)]
+    assert submitted and all("launch/slurm.sbatch" in cmd for cmd in submitted)
+    assert all(any(a.startswith("--time=") for a in cmd) for cmd in submitted), "give every job a time limit"
+    assert '"launch" / "slurm.sbatch"' in (ROOT / "tests" / "launch" / "test_slurm.py").read_text()
+    script = (ROOT / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
+    assert "--signal=B:USR1@120" in page.read_text()
 
 
 @pytest.mark.skipif(not CONFIG_PAGE.is_file(), reason="no docs/configuration.md")
