@@ -138,7 +138,7 @@ def argparse_flags(path: Path) -> set[str] | None:
 
 def shell_flags(path: Path) -> set[str]:
     """The flags a launch script's `case` parses (`--nnodes) ...`)."""
-    return set(re.findall(r"^\s*(--[\w-]+)(?:\|[^)]*)?\)", path.read_text(), re.M)) | {"-h", "--help"}
+    return set(re.findall(r"^\s*(--[\w-]+)(?:=\*)?(?:\|[^)]*)?\)", path.read_text(), re.M)) | {"-h", "--help"}
 
 
 HYDRA_MODULES = {"train", "train.data.prepare"}  # take key=value overrides, not flags
@@ -201,12 +201,11 @@ def check_command(cmd: list[str]) -> tuple[list[str], list[str]]:
                 args = cmd[cmd.index(script) + 1:]
                 if script.startswith("launch/"):
                     overrides = _overrides(args)
-                    if script == "launch/multi_node.sh":
-                        bad = [f for f in _flags_used(args) if f not in shell_flags(path)]
-                        if bad:
-                            problems.append(f"{script}: no flag {bad}")
-                    elif script == "launch/slurm.sbatch":
-                        pass
+                flags = shell_flags(path)
+                if flags - {"-h", "--help"}:  # a script that parses flags itself (multi_node.sh, gpu_suite.sh)
+                    bad = [f for f in _flags_used(args) if f not in flags]
+                    if bad:
+                        problems.append(f"{script}: no flag {bad} (has {sorted(flags)})")
     return problems, overrides
 
 
