@@ -5,11 +5,14 @@ them, and every command and setting they show is checked against what the code a
   API + train.config.load_config, as tests/test_recipes.py);
 - every `python -m MODULE` names a module that exists, and only flags its argument parser defines;
   every `bash launch/X.sh` / `sbatch launch/...` / `python bench/X.py` names a file of the
-  repository, and `bash launch/multi_node.sh` only its own flags;
+  repository, with only the flags it parses (argparse, or a script's own `case`); the commands
+  inside `sbatch --wrap "..."` are checked the same way;
 - the configuration reference (docs/configuration.md) lists every key of the schema, with the
   schema's default and the one `python -m train` (experiment=quickstart) runs with;
-- every docs/ page is linked from README.md, README.md has at most 220 lines, and no link or path
-  points outside the repository.
+- every docs/ page is linked from README.md, README.md has at most 220 lines, no link points
+  outside the repository or to a missing file (a docs/*.md page not written yet is tolerated), and
+  no page speaks of files or machines that are not the user's (BUILD_HOST_WORDS);
+- the cluster walkthrough's job is launch/slurm.sbatch, the script tests/launch/test_slurm.py runs.
 
 Pages other people add to docs/ are checked the same way: the test reads whatever is there.
 `python tests/test_docs.py --fix-config-defaults` rewrites the two default columns of the
