@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every performance figure of this project, on one GPU, in one prepared command (< 8 minutes on
-# one H100 or H200), as ratios against torchtitan measured in the same run:
-#   1. the torchtitan 0.2.2 anchor (the anchor kit), eager and compiled, Llama-3.2-1B shapes,
-#      seq 4096, local batch 4, selective AC;
+# Every performance figure of this project on one GPU, in one command (within a budget of 8 minutes,
+# GPU_SUITE_BUDGET_S), as ratios against torchtitan measured in the same run on the same GPU:
+#   1. torchtitan 0.2.2's own trainer (bench/titan_baseline/), eager and compiled, Llama-3.2-1B
+#      shapes, seq 4096, local batch 4, selective AC;
 #   2. our trainer, same shapes and settings, layerskip=none, eager and compiled;
 #   3. our trainer with the paper's continual-pretraining setting (p_max 0.1, rotational R=8,
 #      e_scale 0.1), compiled;
@@ -11,21 +11,22 @@
 #      against the measured peak;
 #   6. bench/smollm2_speed.py on a random tied Llama of SmolLM2's shape (fp32, 4 x 128 tokens):
 #      Hugging Face's plain LlamaForCausalLM step against our trainer, LayerSkip off and on, and
-#      validation of every exit against its FLOP bound (needs transformers on the device).
+#      validation of every exit against its FLOP bound (needs transformers).
 # It writes suite.json, suite.md (the table of ratios against the targets) and suite.log into
 # --out, and keeps runs, logs and data in a work folder (GPU_SUITE_WORK, default /tmp/gpu_suite).
 #
-#   here, once:     bash bench/fetch_wheels.sh            # fills the ignored .gpu_suite/ (needs PyPI)
-#   on the device:  bash bench/gpu_suite.sh --out $OUT    # run tool: carry [".gpu_suite"], timeout_s 600
-#   on this CPU:    bash bench/gpu_suite.sh --dry-run --out DIR
+#   on a GPU node:        bash bench/gpu_suite.sh --out DIR
+#   without a GPU:        bash bench/gpu_suite.sh --dry-run --out DIR   # the same steps, tiny shapes
+#   GPU node offline:     bash bench/fetch_wheels.sh   # first, where PyPI can be reached
 #
-# Offline: nothing is installed. The anchor kit's run_titan.sh unpacks its wheels (torchtitan and
-# the pure-Python packages it imports) as it always does; ours (Hydra, OmegaConf, and sentencepiece
-# if the image lacks it) are unpacked the same way, with `python -m zipfile`.
-# --dry-run: the same steps on this CPU with tiny shapes and a few steps (the anchor kit's CPU
-# mode, fp32, tiny shapes). The compiled runs are skipped there (an inductor compile on 2 cores
-# alone would take minutes; GPU_SUITE_DRY_COMPILE=1 runs them too); they differ from the eager
-# ones by one flag. The paper setting runs eager. Figures from a dry run are not measurements.
+# Nothing is installed. Packages come from the Python that runs the suite (PYTHON, default python3:
+# torch, and, for a checkout installed with `pip install -e .`, everything else); wheels fetched by
+# bench/fetch_wheels.sh into .gpu_suite/ (GPU_SUITE_KIT), if present, are unpacked with
+# `python -m zipfile` into the work folder and come first.
+# --dry-run: the same steps on a CPU with tiny shapes and a few steps (torchtitan in its CPU mode,
+# fp32). The compiled runs are skipped there (an inductor compile on a few cores takes minutes;
+# GPU_SUITE_DRY_COMPILE=1 runs them too); they differ from the eager ones by one flag. The paper
+# setting runs eager. Figures from a dry run are not measurements.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) RESULTS="$2"; shift ;;
     --out=*) RESULTS="${1#--out=}" ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_suite: unknown argument $1 (use --dry-run, --out DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -57,19 +58,18 @@ LOG="$RESULTS/suite.log"
 START=$(date +%s)
 say() { echo "[gpu_suite $(date +%T)] $*" | tee -a "$LOG"; }
 
-# ---- the anchor kit: the carried copy (with wheels), else the shared one (packages installed)
-ANCHOR=""
-for d in "$KIT/anchor" "$ROOT/shared/anchor" "$ROOT/../shared/anchor"; do
-  if [ -f "$d/run_titan.sh" ]; then ANCHOR="$(cd "$d" && pwd)"; break; fi
-done
-if [ -z "$ANCHOR" ]; then
-  say "no anchor kit: run bash bench/fetch_wheels.sh first (looked in $KIT/anchor, shared/anchor, ../shared/anchor)"
+# ---- torchtitan's side: its own trainer with the configuration kept in bench/titan_baseline/
+ANCHOR="$ROOT/bench/titan_baseline"
+TITAN_WHEELS=""
+if ls "$KIT"/wheels/titan/torchtitan-*.whl >/dev/null 2>&1; then TITAN_WHEELS="$KIT/wheels/titan"; fi
+if [ -z "$TITAN_WHEELS" ] && ! "$PY" -c "import torchtitan, torchdata, tyro" 2>/dev/null; then
+  say "no torchtitan 0.2.2 for $PY: install the project (pip install -e .) or run bash bench/fetch_wheels.sh first"
   exit 1
 fi
 
 # ---- shapes: the real ones on a GPU, tiny ones (same code paths) in a dry run
 if [ $DRY = 1 ]; then
-  # The anchor kit's CPU mode, fp32 (bf16 matmuls crawl on a CPU), on its "cmp" flavor: a Llama
+  # torchtitan's CPU mode (bench/titan_baseline/cpu_shim.py), fp32 (bf16 matmuls crawl on a CPU), on its "cmp" flavor: a Llama
   # shaped by CMP_*, and our model built to the same shape, so even the dry run compares like
   # with like (n_kv_heads = n_heads, multiple_of 256, no FFN multiplier, rope theta 1e4).
   export BENCH_CPU_SHIM=1 CMP_DIM=64 CMP_LAYERS=2 CMP_HEADS=4 CMP_VOCAB=512
@@ -91,7 +91,7 @@ else
   HF_CMP=(--synthetic smollm2 --steps 12 --warmup 4 --val-batches 4)
 fi
 
-# ---- python packages: ours unpacked into $WORK/site, the anchor's by run_titan.sh into $WORK/titan/vendor
+# ---- fetched wheels, if any: ours unpacked into $WORK/site, torchtitan's by run.sh into $WORK/titan/vendor
 SITE="$WORK/site"
 mkdir -p "$SITE"
 for w in "$KIT"/wheels/*.whl; do
@@ -103,9 +103,9 @@ if ! "$PY" -c "import sentencepiece" 2>/dev/null; then
     [ -e "$w" ] && "$PY" -m zipfile -e "$w" "$SITE"
   done
 fi
-say "unpacked $(ls "$KIT"/wheels/*.whl 2>/dev/null | wc -l) wheel(s) into $SITE; anchor kit: $ANCHOR"
+say "unpacked $(ls "$KIT"/wheels/*.whl 2>/dev/null | wc -l) wheel(s) into $SITE; torchtitan: ${TITAN_WHEELS:-installed packages}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-OURPATH="$SITE:$WORK/titan/vendor:$ROOT"
+OURPATH="$SITE${TITAN_WHEELS:+:$WORK/titan/vendor}:$ROOT"
 STATUS="$WORK/status.txt"
 : > "$STATUS"
 
@@ -124,7 +124,7 @@ run_step() {
   grep -E "step|tok/s|Error|error|Traceback|SUMMARY|^\[|dry run|total per rank" "$WORK/$name.log" \
     | sed 's/\x1b\[[0-9;]*m//g' | tail -n 12 >> "$LOG"
   say "$name: rc=$rc in $(( $(date +%s) - t0 ))s"
-  if [ "$rc" != 0 ]; then  # the work folder stays on the device: bring the failure's end back in the log
+  if [ "$rc" != 0 ]; then  # suite.log alone tells why: the failure's end goes into it
     { echo "----- last 60 lines of $name.log -----"; tail -n 60 "$WORK/$name.log"; echo "-----"; } >> "$LOG"
   fi
   echo "$name $rc" >> "$STATUS"
@@ -132,14 +132,14 @@ run_step() {
 
 # The steps' commands (arrays: `timeout` runs programs, not shell functions).
 TITAN=(env OUT="$WORK/titan" PYTHON="$PY" FLAVOR=$FLAVOR LBS=$LBS SEQ=$SEQ STEPS=$STEPS WARMUP=$WARMUP
-       AC=selective bash "$ANCHOR/run_titan.sh")  # the anchor kit, unchanged; MODES=... per step
+       AC=selective TITAN_WHEELS="$TITAN_WHEELS" bash "$ANCHOR/run.sh")  # MODES=... per step
 TRAIN=(env PYTHONPATH="$OURPATH" "$PY" -m train)
 # a tokenizer for the stdlib corpus (cached in the run directory); the 1B runs then only pack tokens
 PREP=("${TRAIN[@]}" model=tiny model.dim=32 model.n_layers=1 model.n_heads=2 model.n_kv_heads=1 model.vocab_size=$PREP_VOCAB data.source=stdlib
       data.max_chars=$MAX_CHARS data.cache_dir="$WORK/data" data.seq_len=128 data.batch_size=2
       data.val_fraction=0.05 layerskip=none train.steps=1 eval.every=0 eval.batches=1
       checkpoint.interval=0 checkpoint.save_final=false logging.tensorboard=false run_dir="$WORK/runs/prep")
-# our trainer on the anchor's shapes and settings, through our data path
+# our trainer on the same shapes and settings as torchtitan, through our data path
 OURS=("${TRAIN[@]}" "${MODEL[@]}" data.source=stdlib data.max_chars=$MAX_CHARS
       data.tokenizer="$WORK/runs/prep/tokenizer.model" data.cache_dir="$WORK/data"
       data.seq_len=$SEQ data.batch_size=$LBS data.val_fraction=0.05 data.num_workers=0
@@ -155,7 +155,7 @@ PAPER=(layerskip=continual layerskip.dropout.p_max=0.1 layerskip.exit.exits="1:"
 say "mode: $([ $DRY = 1 ] && echo 'DRY RUN on CPU (tiny shapes; not a measurement)' || echo GPU); python $PY; budget ${BUDGET_S}s"
 run_step titan_eager 120 env MODES=eager "${TITAN[@]}"
 run_step prep 90 "${PREP[@]}"
-run_step estimate 60 "${ESTIMATE[@]}"  # CPU only; needs the torchtitan the anchor step unpacked
+run_step estimate 60 "${ESTIMATE[@]}"  # CPU only; imports torchtitan (the fetched one, unpacked by the titan step)
 run_step ours_eager 120 "${OURS[@]}" layerskip=none parallel.compile=false run_dir="$WORK/runs/ours_eager"
 if [ "$COMPILE" = 1 ]; then
   run_step titan_compile 150 env MODES=compile "${TITAN[@]}"

@@ -1,11 +1,11 @@
 """The GPU suite's one JSON and one table: bench/gpu_suite.sh's runs as ratios against the targets.
 
-Reads what the suite's steps left in its work folder -- the anchor kit's metrics (summarised by the
-kit's own summarize.py), our runs' metrics.jsonl, bench/layerskip_cost.py's JSON and the dry run's
+Reads what the suite's steps left in its work folder -- torchtitan's metrics (summarised by
+bench/titan_baseline/summarize.py), our runs' metrics.jsonl, bench/layerskip_cost.py's JSON and the dry run's
 estimate -- and writes suite.json and suite.md into --out. Exit status 1 if a step failed or left
 no figures; missed targets are reported, not an error (they are the measurement).
 
-Targets (ANCHORS.md and the issues): tokens/s against torchtitan >= 1.00 with LayerSkip off, eager
+Targets: tokens/s against torchtitan >= 1.00 with LayerSkip off, eager
 and compiled; realised layer-dropout saving >= 80 % of ideal; time per early exit <= 1.25x the
 three-GEMM bound; peak memory with every layer exiting <= 1.05x that with none.
 """
@@ -105,7 +105,7 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
             estimate["total_bytes_per_rank"] / 2**30 / runs["ours_eager"]["peak_active_gib"]
             if estimate and runs.get("ours_eager") else None),
     }
-    device, torch_version = "unknown", "unknown"  # as the anchor kit's first line reports them
+    device, torch_version = "unknown", "unknown"  # as bench/titan_baseline/run.sh's first line reports them
     titan_log = work / "titan_eager.log"
     for line in (titan_log.read_text(errors="replace").splitlines() if titan_log.is_file() else []):
         if line.startswith("torch ") and " dev=" in line:

@@ -57,7 +57,7 @@ PRESETS = {
     "tiny": dict(model=ModelConfig(name="bench-tiny", dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
                                    vocab_size=512, multiple_of=16, max_seq_len=64),
                  batch=2, seq=32, chunk=32, rounds=1, warmup=0),
-    # ANCHORS.md's Llama-3.2-1B shapes and batch: comparable with its microbenchmark.
+    # Llama-3.2-1B shapes and batch, as bench/titan_baseline/ and bench/gpu_suite.sh measure them.
     "anchor": dict(model=ModelConfig(name="llama3.2-1b", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                                      vocab_size=128256, multiple_of=256, ffn_dim_multiplier=1.5,
                                      rope_theta=500000.0, max_seq_len=2048),

@@ -1,4 +1,4 @@
-"""The README's layout table for the paper's settings, produced by the dry run.
+"""The layout table of docs/parallelism.md for the paper's settings, produced by the dry run.
 
 Each row is one `python -m train ... parallel.dry_run=WORLD` command (LAYOUTS below); this script
 runs them in one process (the same `estimate` the command calls, on a fake process group: nothing

@@ -1,4 +1,4 @@
-"""How long a preempted run has, and how much of it the save takes (README "Running on a cluster").
+"""How long a preempted run has, and how much of it the save takes (docs/operations.md).
 
 1. torchrun's grace period: a worker that ignores SIGTERM is started by torchrun; torchrun gets
    SIGTERM; we time until the worker is SIGKILLed. (torch 2.13's default shutdown timeout: 30 s,

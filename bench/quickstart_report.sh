@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's pictures of the quickstart: the quickstart itself (LayerSkip) and its baseline
+# The quickstart's results (README.md, bench/results/): the quickstart itself (LayerSkip) and its baseline
 # (`layerskip=none`: same model, data, steps and seed, plain pretraining), each trained like
 # `bash launch/quickstart.sh` (FSDP on 2 CPU processes), then `python -m train.report` of the
 # LayerSkip run alone and of both overlaid. Two 200-step trainings: ~10 min on 2 idle cores.

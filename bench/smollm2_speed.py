@@ -1,4 +1,4 @@
-"""SmolLM2-135M on this machine: Hugging Face's plain training step against our trainer.
+"""SmolLM2-135M on one machine: Hugging Face's plain training step against our trainer.
 
 In one run, on the same machine, model (bench/smollm2.py: SmolLM2-135M, tied embeddings, fp32)
 and batch (4 x 128 tokens per process):

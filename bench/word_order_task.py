@@ -7,7 +7,7 @@ which is the next line, the real one or the same words in a shuffled order? Both
 same words, so only the model's sense of order decides (chance 0.5); a tiny model trained for a
 few minutes already scores well above chance, and its early exits show how much of that each
 depth has. It needs no download, so it runs where lm-eval's own tasks cannot (offline clusters,
-CI), and it is the README's example of a task YAML over local JSON lines.
+CI), and it is docs/decoding.md's example of a task YAML over local JSON lines.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ norms in every layout, up to the rounding of the gradient reductions (< 1e-4 in 
 replicas and checks ten more LayerSkip steps against the FSDP run; tests/parallel/
 test_parallelize.py checks DDP's and HSDP's gradients against one process.)
 Also: a step where one rank drops every one of its samples from a block while another rank keeps
-some (the FSDP hang of LAYERSKIP.md §5) completes and matches one process; and impossible layouts
+some (the FSDP2 hang when one rank skips a block another runs) completes and matches one process; and impossible layouts
 fail at start-up with a message naming the setting.
 
 Every launch runs under a hard timeout and is killed with its workers on expiry (tests/_launch.py).

@@ -153,7 +153,7 @@ def test_quickstart_with_layerskip_none_logs_no_dropout_and_no_exit_loss(tmp_pat
 
 def test_continual_smollm2_is_the_papers_llama3_recipe_on_a_hub_id():
     """`experiment=continual_smollm2_135m`: SmolLM2-135M by Hub id, the shape read from it
-    (model=hf), the paper's Llama 3 continual settings; its CPU overrides (recipe comment, README,
+    (model=hf), the paper's Llama 3 continual settings; its CPU overrides (recipe comment,
     bench/smollm2_report.sh) keep them and fit the context."""
     cfg = _compose(["experiment=continual_smollm2_135m", "data.source=/some/corpus"])
     assert cfg.model.name == "hf" and cfg.model.init_from == "HuggingFaceTB/SmolLM2-135M"

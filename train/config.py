@@ -169,7 +169,7 @@ class DataConfig:
 class PrepareConfig:
     """`python -m train.data.prepare`: offline tokenization of data.source into prepare.out."""
     out: str | None = None  # the prepared dataset folder to write
-    workers: int = 0  # processes on this machine; 0: all cores
+    workers: int = 0  # processes on the machine that prepares; 0: all cores
     num_tasks: int | None = None  # machines (tasks) sharing the work; None: Slurm array / torchrun / 1
     task_id: int | None = None  # this task's index in [0, num_tasks)
     finalize: bool = False  # only write the manifest (after all tasks finished their shards)
@@ -532,8 +532,7 @@ class EvalConfig:
 
 @dataclass
 class PreemptConfig:
-    """What a preemption signal does: finish the step, save, exit 75 (README "Running on a
-    cluster")."""
+    """What a preemption signal does: finish the step, save, exit 75 (docs/operations.md)."""
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # [] disables
 
     def validate(self) -> None:

@@ -11,7 +11,7 @@ the full depth (default: L/4, L/2, 3L/4, L).
 
 TASKS are lm-eval task names (`hellaswag,arc_easy`, which lm-eval downloads), or tasks defined by
 local YAML files over local data in the folder given by --include-path (lm-eval's own option;
-clusters are often offline): see the README's "Evaluating a checkpoint".
+clusters are often offline): see docs/decoding.md.
 
 --model: a Hugging Face export (config.json + safetensors + tokenizer), a Hugging Face Hub id
 (org/name[@revision], fetched by train/hub.py), or a run directory, whose

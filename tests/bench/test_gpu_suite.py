@@ -1,9 +1,10 @@
-"""`bash bench/gpu_suite.sh --dry-run` end to end on this CPU, so the GPU command cannot rot.
+"""`bash bench/gpu_suite.sh --dry-run` end to end on a CPU, from the checkout alone, so the GPU
+command cannot rot.
 
-Same script, same steps as on the GPU (the anchor kit in its CPU mode from the carried wheels,
-our trainer through our data path, the paper setting, bench/layerskip_cost.py, the dry-run
-estimate, the report), with tiny shapes. The wheels come from bench/fetch_wheels.sh: the
-developer's .gpu_suite/ if it is complete, else fetched into a temporary folder (needs PyPI).
+Same script, same steps as on a GPU (torchtitan's own trainer in its CPU mode with the configuration
+in bench/titan_baseline/, our trainer through our data path, the paper setting,
+bench/layerskip_cost.py, the dry-run estimate, the report), with tiny shapes. Nothing is fetched:
+the packages are the test environment's, as for a user who installed the project.
 """
 from __future__ import annotations
 
@@ -22,20 +23,10 @@ ESTIMATE_KEYS = {"world_size", "param_bytes_per_rank", "grad_bytes_per_rank", "o
 pytestmark = pytest.mark.slow
 
 
-def _kit(tmp_path: Path) -> Path:
-    kit = ROOT / ".gpu_suite"
-    if list((kit / "anchor" / "wheels").glob("torchtitan-*.whl")) and list((kit / "wheels").glob("hydra_core-*.whl")):
-        return kit
-    kit = tmp_path / "kit"
-    subprocess.run(["bash", str(ROOT / "bench" / "fetch_wheels.sh")], check=True, timeout=300,
-                   env={**os.environ, "GPU_SUITE_KIT": str(kit), "PYTHON": sys.executable})
-    return kit
-
-
 def test_gpu_suite_dry_run(tmp_path):
-    kit = _kit(tmp_path)
     work, out = tmp_path / "work", tmp_path / "out"
-    env = {**os.environ, "GPU_SUITE_KIT": str(kit), "GPU_SUITE_WORK": str(work), "PYTHON": sys.executable}
+    # an empty kit: no fetched wheels, whatever the developer's .gpu_suite/ holds
+    env = {**os.environ, "GPU_SUITE_KIT": str(tmp_path / "no_kit"), "GPU_SUITE_WORK": str(work), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=400)
     log = (out / "suite.log").read_text() if (out / "suite.log").is_file() else proc.stdout + proc.stderr
@@ -46,8 +37,8 @@ def test_gpu_suite_dry_run(tmp_path):
     for run in ("titan_eager", "ours_eager", "paper"):
         r = report["runs"][run]
         assert r["tps_per_gpu_median"] > 0 and r["steps_logged"] >= 2, run
-    # torchtitan came from the carried wheels, unpacked by the anchor kit (not from this venv)
-    assert "titan/vendor/torchtitan" in (work / "titan_eager.log").read_text()
+    # torchtitan's own trainer ran, with the configuration kept in bench/titan_baseline/
+    assert "torchtitan 0.2.2" in (work / "titan_eager.log").read_text()
     checks = {c["check"]: c for c in report["checks"]}
     assert all(c["value"] is not None for name, c in checks.items() if "compiled" not in name)
     assert set(report["estimate"]) >= ESTIMATE_KEYS
@@ -62,16 +53,12 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 def test_report_on_gpu_figures(tmp_path):
     """The GPU-only branch of the report (not reached by the dry run): ratios and verdicts from
-    figures laid out as the anchor kit, our trainer and layerskip_cost.py write them."""
+    figures laid out as bench/titan_baseline/, our trainer and layerskip_cost.py write them."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_suite_report", ROOT / "bench" / "gpu_suite_report.py")
     report_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report_mod)
-    anchor = ROOT.parent / "shared" / "anchor"
-    if not (anchor / "summarize.py").is_file():
-        anchor = ROOT / ".gpu_suite" / "anchor"
-    if not (anchor / "summarize.py").is_file():
-        pytest.skip(reason="no anchor kit beside the checkout (../shared/anchor or .gpu_suite/anchor)")
+    anchor = ROOT / "bench" / "titan_baseline"
     work = tmp_path
     steps = ["titan_eager", "prep", "estimate", "ours_eager", "titan_compile", "ours_compile",
              "layerskip_cost", "hf_compare", "paper"]

@@ -1,7 +1,7 @@
 """The dry run (`python -m train parallel.dry_run=WORLD`): the real parallelize on a fake world.
 
-- Every paper layout of the README (bench/layout_table.py) completes in well under a minute and
-  stores parameter count x 4 bytes / (dp_shard x tp) per rank; the README shows its command.
+- Every paper layout of docs/parallelism.md (bench/layout_table.py) completes in well under a minute and
+  stores parameter count x 4 bytes / (dp_shard x tp) per rank; docs/parallelism.md shows its command.
 - An impossible layout fails with the error a real launch gives, naming the setting.
 - On a real 2-rank gloo run (FSDP 2 with an odd vocabulary, so the two shards differ; and TP 2),
   every rank's parameter, gradient and AdamW-state bytes equal the dry run's for that rank.
@@ -33,8 +33,8 @@ def test_paper_layout(setting, gpus, overrides):
     assert report.grad_bytes_per_rank == report.param_bytes_per_rank
     assert report.fits, f"{setting}: {report.total_bytes_per_rank / 2**30:.1f} GiB per rank"
     assert seconds < 60
-    assert f"`python -m train {overrides}`" in (ROOT / "README.md").read_text(), \
-        "README's layout table is out of date: python bench/layout_table.py"
+    assert f"`python -m train {overrides}`" in (ROOT / "docs" / "parallelism.md").read_text(), \
+        "docs/parallelism.md's layout table is out of date: python bench/layout_table.py"
 
 
 def test_hsdp_shards_within_a_replica_only():

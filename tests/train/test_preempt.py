@@ -64,7 +64,7 @@ WANDB_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
 def _single_node(corpus: Path, *extra: str, max_restarts: int | None = None) -> tuple[list, dict]:
-    """`NPROC=2 bash launch/single_node.sh OVERRIDES` as the README shows it (this venv's torchrun)."""
+    """`NPROC=2 bash launch/single_node.sh OVERRIDES` as docs/operations.md shows it (this venv's torchrun)."""
     cmd = ["bash", str(ROOT / "launch" / "single_node.sh"), *overrides(corpus), *extra]
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     more = {"MAX_RESTARTS": str(max_restarts)} if max_restarts is not None else {}

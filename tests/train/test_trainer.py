@@ -1,5 +1,5 @@
 """A short real training run (in this process, one rank): the loss falls, the run directory holds
-what the README promises, and a diverging run stops with a clear error."""
+what the documentation promises, and a diverging run stops with a clear error."""
 import json
 import sysconfig
 from pathlib import Path
