@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from train.config import ConfigError, load_config, register_schemas
 from train.data.sources import DataError
-from train.preemption import Preempted
+from train.preemption import Preempted, refuse_to_start
 from train.preemption import exit_code as preempted_exit_code
 
 RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
@@ -81,5 +81,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    stopped = refuse_to_start()
+    if stopped:  # an elastic restart after a failed preemption save: the stop stays a stop
+        print(f"[rank{os.environ.get('RANK', '0')}] not starting: the job was stopped by {stopped} "
+              f"(train/preemption.py); the launch script reports why", file=sys.stderr)
+        sys.exit(0)
     register_schemas()
     main()

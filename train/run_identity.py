@@ -215,6 +215,9 @@ class RunHome:
                         "now %.3g)", int(before), cfg.train.steps, resumed_step, cfg.train.steps,
                         resumed_step, _lr(resumed_step, int(before), cfg.optim), int(before),
                         _lr(resumed_step, cfg.train.steps, cfg.optim))
+        if resumed_step is not None and resumed_step >= cfg.train.steps:
+            log.info("the run is complete (step %d of train.steps=%d): nothing to train; a larger "
+                     "train.steps trains on", resumed_step, cfg.train.steps)
         write_identity(self.dir, self.identity, command, train_steps=cfg.train.steps,
                        provenance=self.provenance)
 
@@ -271,3 +274,28 @@ def write_identity(run_dir: Path, identity: dict[str, Any], command: list[str], 
     tmp = run_dir / f"{IDENTITY_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     os.replace(tmp, run_dir / IDENTITY_FILE)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m train.run_identity [--nproc N] [overrides]`: print the run directory that
+    `python -m train [overrides]` on N ranks (default 1) names, without starting anything."""
+    world = 1
+    if argv[:1] == ["--nproc"]:
+        world, argv = int(argv[1]), argv[2:]
+    from hydra import compose, initialize_config_dir
+
+    from parallel.dims import ParallelDims
+    from train.config import load_config, register_schemas
+    register_schemas()
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parent.parent / "recipes")):
+        cfg = load_config(compose("train", overrides=argv))
+    dp_world = ParallelDims.from_config(cfg.parallel, world).dp_world
+    print(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, dp_world))
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        raise SystemExit(f"invalid configuration: {e}") from None
