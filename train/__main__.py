@@ -15,13 +15,20 @@ import os
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # first, before the heavy imports: a refused restart ends at once
+    from train.preemption import refuse_to_start
+    if stopped := refuse_to_start():  # an elastic restart after a failed preemption save
+        print(f"[rank{os.environ.get('RANK', '0')}] not starting: the job was stopped by {stopped} "
+              f"(train/preemption.py); the launch script reports why", file=sys.stderr)
+        sys.exit(0)
+
 import hydra
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train.config import ConfigError, load_config, register_schemas
 from train.data.sources import DataError
-from train.preemption import Preempted, refuse_to_start
+from train.preemption import Preempted
 from train.preemption import exit_code as preempted_exit_code
 
 RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
@@ -81,10 +88,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    stopped = refuse_to_start()
-    if stopped:  # an elastic restart after a failed preemption save: the stop stays a stop
-        print(f"[rank{os.environ.get('RANK', '0')}] not starting: the job was stopped by {stopped} "
-              f"(train/preemption.py); the launch script reports why", file=sys.stderr)
-        sys.exit(0)
     register_schemas()
     main()

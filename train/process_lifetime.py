@@ -17,11 +17,20 @@ Every pool the project starts (the data loader's workers, prepare's ProcessPoolE
   trainer raise "DataLoader worker ... is killed by signal" before it can save. The trainer
   decides what the job does on such a signal (train/preemption.py); its workers ignore it and
   stop when the trainer shuts its loader down or dies.
+
+Ignoring SIGTERM has one consequence for the parent: at interpreter exit multiprocessing
+terminates its daemonic children with SIGTERM and then joins them, which would wait forever on
+such a worker. A rank that fails with its loader still open (an exception, not a clean shutdown)
+would then never exit, and torchrun would never learn that it failed. So importing this module
+registers an exit hook, run before multiprocessing's, that ends the daemonic children with SIGKILL
+instead (what multiprocessing means to do to them, in a form they cannot ignore).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import multiprocessing
+import multiprocessing.util  # registers its exit hook now, so that ours (below) runs before it
 import os
 import select
 import signal
@@ -97,3 +106,17 @@ def pool_worker_init(then=None, *args) -> None:
     die_with_parent()
     if then is not None:
         then(*args)
+
+
+def _kill_daemonic_children() -> None:
+    """At interpreter exit (see the module docstring): SIGKILL this process's daemonic children."""
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.join(timeout=5)
+
+
+atexit.register(_kill_daemonic_children)

@@ -229,7 +229,11 @@ def resume(r: Run) -> None:
         r.state = TrainState(**resumed["train_state"])
         r.data.train.load_state_dict(resumed["data"])
         r.dropout.load_state_dict(resumed["dropout"])
-        r.curriculum.load_state_dict(resumed["curriculum"])
+        # train.steps may change between submissions of a run (docs/runs.md; the change is logged
+        # by RunHome.record): the curriculum follows the new end instead of refusing it.
+        saved = dict(resumed["curriculum"])
+        saved["fingerprint"] = {k: v for k, v in saved.get("fingerprint", {}).items() if k != "total_steps"}
+        r.curriculum.load_state_dict(saved)
         if "torch_rng" in resumed:
             torch.set_rng_state(torch.tensor(resumed["torch_rng"], dtype=torch.uint8))
         log.info("resumed from step %d (%s)", r.state.step, r.ckpt.folder)
