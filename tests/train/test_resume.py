@@ -308,3 +308,54 @@ def test_python_m_train_resumes_by_the_same_command_and_refuses_another(corpus, 
     assert other.returncode == 2, other.stderr[-4000:]
     assert "optim.lr: run 0.003, this command 0.001" in other.stderr
     assert "checkpoint.resume=none" in other.stderr and "run_dir=" in other.stderr
+
+
+# ---------------------------------------------------------------------- loader workers, any start method
+
+# `python -m train` with multiprocessing's default start method set first: Python 3.14 makes
+# forkserver Linux's default, and the loader's workers (data=files: 2 per rank) must work and die
+# with their trainer under each.
+_WITH_START_METHOD = ("import multiprocessing, runpy, sys\n"
+                      "multiprocessing.set_start_method(sys.argv[1])\n"
+                      "sys.argv = ['train', *sys.argv[2:]]\n"
+                      "runpy.run_module('train', run_name='__main__', alter_sys=True)")
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def _with_start_method(method: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-c", _WITH_START_METHOD, method, *overrides]
+
+
+def test_loader_workers_under_every_start_method(corpus, straight: Path, tmp_path: Path) -> None:
+    """Under fork, spawn and forkserver: a run's losses are those of the reference run (started
+    with Python's default here), and a trainer killed with SIGKILL leaves none of its processes
+    (loader workers, fork server) behind."""
+    from tests._cluster import job_pids, read_losses, wait_gone
+    from tests._launch import LaunchTimeout, start, wait_all
+    assert _overrides(corpus, straight, STEPS, 4)[:len(TINY)] == TINY and "data=files" in TINY
+    runs = {m: start(_with_start_method(m, _overrides(corpus, tmp_path / m, STEPS, 4)), corpus["cwd"], _env())
+            for m in START_METHODS[1:]}  # fork is the reference's own (Python 3.11-3.13's default)
+    for m, done in zip(runs, wait_all(list(runs.values()), timeout_s=240)):
+        done.check()
+        assert _losses(tmp_path / m) == _losses(straight), m
+
+    killed = {m: start(_with_start_method(m, _overrides(corpus, tmp_path / f"killed-{m}", 10_000, 4)),
+                       corpus["cwd"], _env()) for m in START_METHODS}
+    try:
+        deadline = time.monotonic() + 180
+        for m, launch in killed.items():  # once its first step is logged, its workers are up
+            while not read_losses(tmp_path / f"killed-{m}"):
+                assert launch.proc.poll() is None, f"{m}: the run ended before it could be killed"
+                assert time.monotonic() < deadline, f"{m}: no step logged within 180 s"
+                time.sleep(0.1)
+            pids = job_pids(launch.proc.pid)
+            assert len(pids) >= 3, f"{m}: expected the trainer and its 2 loader workers, got {pids}"
+            launch.proc.send_signal(signal.SIGKILL)
+            left = wait_gone(pids, timeout_s=10)
+            assert not left, f"{m}: processes outlived the killed trainer: {left}"
+    finally:
+        for launch in killed.values():
+            try:
+                wait_all([launch], timeout_s=0.1)
+            except LaunchTimeout:
+                pass
