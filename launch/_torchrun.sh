@@ -7,10 +7,11 @@
 # - a signal sent to this shell is passed on to torchrun's workers (forward_signal, below);
 # - a preempted run exits 75 (the workers leave the marker file LAYERSKIP_PREEMPT_MARKER names),
 #   whatever torchrun's own status (1 when it was signalled, 0 when only the workers were);
-# - a stop is final: from the first preemption signal on (to this shell, or to any worker of this
-#   node) the file LAYERSKIP_STOP_FILE names exists, and a worker that torchrun restarts after
-#   that (MAX_RESTARTS: its peer failed during the preemption save) exits at once without
-#   training (train/preemption.py); the job then ends non-zero, the save's error above;
+# - a stop is final: from the first preemption signal to this shell on, the file
+#   LAYERSKIP_STOP_FILE names exists, and a worker that torchrun restarts after that
+#   (MAX_RESTARTS: its peer failed during the preemption save) exits at once without training
+#   (train/preemption.py); the job then ends non-zero, the save's error above (a signal to
+#   torchrun itself ends torchrun: no restart either);
 # - NCCL's flight recorder keeps the last collectives of every rank and dumps them when a
 #   collective times out (the trainer points the dump at RUN_DIR/dumps/).
 # torch 2.13: restarted workers can fail to rejoin when torchrun shares its rendezvous store

@@ -21,10 +21,13 @@ after the save (local rank 0 of every node), and exit 75 themselves.
 
 A stop is final. If the preemption save fails on some rank (a full or vanished disk, a
 collective timeout), that worker fails and torchrun would restart the workers (--max-restarts),
-which would resume and train on. So the first preemption signal also creates the file named in
-LAYERSKIP_STOP_FILE (the launch scripts create it too, when the signal reaches them), and a worker
+which would resume and train on. So the launch scripts create the file named in
+LAYERSKIP_STOP_FILE when a preemption signal reaches them, before passing it on, and a worker
 that starts while it exists exits at once (status 0, so that torchrun stops restarting) without
-training: the launch script then ends the job non-zero, the save's error in its output.
+training: the launch script then ends the job non-zero, the save's error in its output. (The
+workers do not create it themselves: torchrun's own SIGTERM, which stops the surviving workers
+before an ordinary elastic restart, must not turn that restart into a stop. A signal that reaches
+torchrun itself ends torchrun, so no restart follows it either.)
 """
 from __future__ import annotations
 
@@ -73,7 +76,6 @@ class PreemptionWatch:
         if self.received is None:
             self.received = signal.Signals(signum).name
             self.received_at = time.monotonic()
-            mark_stop(self.received)
 
     @property
     def requested(self) -> bool:
@@ -95,16 +97,6 @@ def write_marker(step: int, signal_name: str, folder: Path | None, save_s: float
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, path)
-
-
-def mark_stop(signal_name: str) -> None:
-    """Record that this job was asked to stop (see the module docstring): no restart trains on."""
-    path = os.environ.get(STOP_ENV)
-    if path and not os.path.exists(path):
-        try:
-            Path(path).write_text(signal_name + "\n")
-        except OSError:  # the launch script's own copy of the stop still holds
-            pass
 
 
 def refuse_to_start() -> str | None:
