@@ -1,5 +1,8 @@
 """Hub ids (`org/name[@revision]`) for model.init_from, data.tokenizer and the tools' --model:
-resolved in huggingface_hub's cache, offline when HF_HUB_OFFLINE=1, one clear line otherwise."""
+resolved in huggingface_hub's cache, offline when HF_HUB_OFFLINE=1, one clear line otherwise. A
+training job by Hub id asks the Hub once per node, names its run by the id as typed (so it resumes
+across caches and Hub commits), and fails on every rank with the same line when the id cannot be
+had."""
 from __future__ import annotations
 
 import os
