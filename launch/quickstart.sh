@@ -2,12 +2,21 @@
 # From nothing to a trained LayerSkip checkpoint on this CPU: create .venv, install, train the
 # default recipe (experiment=quickstart) with FSDP on 2 processes, export it for Hugging Face.
 # Extra arguments are Hydra overrides, e.g.  bash launch/quickstart.sh train.steps=50
+# The run directory follows from the command (outputs/quickstart-<hash of the run's settings>,
+# docs/runs.md; RUN_DIR=... overrides): run the same command again and it resumes the run, or,
+# finished, says so and exports it again. A preemption signal saves and exits 75 (launch/_torchrun.sh).
 source "$(dirname "$0")/_env.sh"
+source launch/_torchrun.sh
 NPROC="${NPROC:-2}"
-RUN_DIR="${RUN_DIR:-outputs/quickstart-$(date +%Y%m%d-%H%M%S)}"
-echo "[quickstart] training on $NPROC CPU processes (FSDP, gloo) into $RUN_DIR"
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" torchrun --standalone --nproc-per-node="$NPROC" \
-  -m train run_dir="$RUN_DIR" "$@"
+if [ -n "${RUN_DIR:-}" ]; then
+  set -- run_dir="$RUN_DIR" "$@"
+else
+  RUN_DIR="$(python -m train.run_identity --nproc "$NPROC" "$@")"
+fi
+echo "[quickstart] training on $NPROC CPU processes (FSDP, gloo) in $RUN_DIR"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+run_torchrun --standalone --nproc-per-node="$NPROC" \
+  --max-restarts="${MAX_RESTARTS:-0}" -m train "$@"
 python -m train.export --run "$RUN_DIR" --out "$RUN_DIR/hf"
 echo
 echo "[quickstart] done."

@@ -15,6 +15,13 @@ import os
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # first, before the heavy imports: a refused restart ends at once
+    from train.preemption import refuse_to_start
+    if stopped := refuse_to_start():  # an elastic restart after a failed preemption save
+        print(f"[rank{os.environ.get('RANK', '0')}] not starting: the job was stopped by {stopped} "
+              f"(train/preemption.py); the launch script reports why", file=sys.stderr)
+        sys.exit(0)
+
 import hydra
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -41,7 +48,12 @@ def _setup_logging() -> None:
 def main(cfg: DictConfig) -> None:
     _setup_logging()
     try:
-        config = load_config(cfg)
+        config = typed = load_config(cfg)  # `typed` names the run (train/run_identity.py)
+        if not config.parallel.dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # The ranks meet first, so that each node fetches its Hub ids once and an error is
+            # every rank's (train/hub.py); the trainer reuses this process group.
+            from parallel.distributed import init_distributed
+            init_distributed(config.parallel.timeout_s)
         from train.hub import resolve_hub_ids  # Hub ids -> local folders, before anything reads them
         config = resolve_hub_ids(config)
         if config.model.unset_shape_keys:  # model=hf: the shape is model.init_from's config.json
@@ -60,7 +72,7 @@ def main(cfg: DictConfig) -> None:
         ParallelDims.from_config(config.parallel, world).check_model(
             config.model, config.data.seq_len)
         from train.trainer import run
-        run(config)
+        run(config, typed)
     except ConfigError as e:
         logging.getLogger("train").error("invalid configuration: %s", e)
         sys.exit(2)
@@ -70,6 +82,9 @@ def main(cfg: DictConfig) -> None:
     except Preempted as e:
         logging.getLogger("train").warning("%s; rerun the same command to resume", e)
         sys.exit(preempted_exit_code())
+    finally:
+        from parallel.distributed import destroy
+        destroy()  # the process group, if the run stopped before the trainer took it over
 
 
 if __name__ == "__main__":

@@ -18,6 +18,16 @@ preempted worker exits 0: any other code makes the agent restart the workers (--
 which would resume and train on until the SIGKILL. The launch scripts tell a preempted run from a
 finished one by the marker file named in LAYERSKIP_PREEMPT_MARKER, which the trainer writes
 after the save (local rank 0 of every node), and exit 75 themselves.
+
+A stop is final. If the preemption save fails on some rank (a full or vanished disk, a
+collective timeout), that worker fails and torchrun would restart the workers (--max-restarts),
+which would resume and train on. So the launch scripts create the file named in
+LAYERSKIP_STOP_FILE when a preemption signal reaches them, before passing it on, and a worker
+that starts while it exists exits at once (status 0, so that torchrun stops restarting) without
+training: the launch script then ends the job non-zero, the save's error in its output. (The
+workers do not create it themselves: torchrun's own SIGTERM, which stops the surviving workers
+before an ordinary elastic restart, must not turn that restart into a stop. A signal that reaches
+torchrun itself ends torchrun, so no restart follows it either.)
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ log = logging.getLogger("train")
 
 EXIT_PREEMPTED = 75
 MARKER_ENV = "LAYERSKIP_PREEMPT_MARKER"
+STOP_ENV = "LAYERSKIP_STOP_FILE"
 
 
 class Preempted(Exception):
@@ -86,6 +97,22 @@ def write_marker(step: int, signal_name: str, folder: Path | None, save_s: float
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, path)
+
+
+def refuse_to_start() -> str | None:
+    """In a worker starting up: the signal that stopped this job before it started (from
+    LAYERSKIP_STOP_FILE), else None. Refusing is recorded next to the stop file (`.refused`), so
+    the launch script can tell this from a run that finished its last step as the signal came."""
+    path = os.environ.get(STOP_ENV)
+    if not path:
+        return None
+    try:
+        stopped = Path(path).read_text().strip() or "a preemption signal"
+        with open(f"{path}.refused", "a") as f:
+            f.write(f"rank {os.environ.get('RANK', '?')}\n")
+    except OSError:
+        return None
+    return stopped
 
 
 def exit_code() -> int:

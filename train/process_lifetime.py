@@ -7,19 +7,36 @@ Every pool the project starts (the data loader's workers, prepare's ProcessPoolE
   shutdown code, and its workers would sleep on their task queue forever. Linux's
   PR_SET_PDEATHSIG has the kernel send the worker SIGKILL when its parent dies; a parent that died
   before the call is caught by comparing the parent pid with the one the worker was started by.
+  That holds for every start method multiprocessing has. Under `fork` and `spawn` the worker's
+  parent is the process that started it. Under `forkserver` (Linux's default from Python 3.14)
+  the parent is the fork server, and the process that asked for the worker is only
+  `multiprocessing.parent_process()`: the kernel then watches the fork server, and a thread of
+  the worker watches the starting process itself (a pidfd), so the worker still dies with it.
 - A job-wide signal (slurmstepd, `scancel`, `scontrol requeue` and torchrun's shutdown signal every
   process of the job or of a rank's process group): a data-loader worker that dies of it makes the
   trainer raise "DataLoader worker ... is killed by signal" before it can save. The trainer
   decides what the job does on such a signal (train/preemption.py); its workers ignore it and
   stop when the trainer shuts its loader down or dies.
+
+Ignoring SIGTERM has one consequence for the parent: at interpreter exit multiprocessing
+terminates its daemonic children with SIGTERM and then joins them, which would wait forever on
+such a worker. A rank that fails with its loader still open (an exception, not a clean shutdown)
+would then never exit, and torchrun would never learn that it failed. So importing this module
+registers an exit hook, run before multiprocessing's, that ends the daemonic children with SIGKILL
+instead (what multiprocessing means to do to them, in a form they cannot ignore).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import multiprocessing
+import multiprocessing.util  # registers its exit hook now, so that ours (below) runs before it
 import os
+import select
 import signal
 import sys
+import threading
+import time
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -28,19 +45,53 @@ JOB_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
 
 
 def die_with_parent(ignore: tuple[str, ...] = ()) -> None:
-    """In a freshly started worker: be killed when the parent dies, and ignore `ignore`
-    (signal names). The parent is the process that started this worker (multiprocessing's
-    record of it, else the current parent)."""
+    """In a freshly started worker: be killed when the process that started it dies, under any
+    start method, and ignore `ignore` (signal names)."""
     for name in ignore:
         signal.signal(signal.Signals[name], signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    expected = parent.pid if parent is not None else os.getppid()
+    starter = multiprocessing.parent_process()  # who asked for this worker (any start method)
+    starter_pid = starter.pid if starter is not None else os.getppid()
+    parent_pid = os.getppid()  # who forked it: the starter, or a fork server
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != expected:  # the parent died before the kernel was told to watch it
+    if parent_pid == starter_pid:
+        if os.getppid() != starter_pid:  # the parent died before the kernel was told to watch it
+            os._exit(1)
+    else:  # forkserver (or the starter already gone): the kernel watches the fork server
+        _exit_when_gone(starter_pid)
+
+
+def _exit_when_gone(pid: int) -> None:
+    """Exit this process (status 1) as soon as process `pid` (not our parent) has ended: a
+    daemon thread blocks on a pidfd of it (Linux >= 5.3), else polls it every second."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
         os._exit(1)
+    except (AttributeError, OSError):  # no pidfds here: poll
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has ended
+        else:
+            while _alive(pid):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-when-{pid}-ends", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def loader_worker_init(worker_id: int) -> None:
@@ -55,3 +106,17 @@ def pool_worker_init(then=None, *args) -> None:
     die_with_parent()
     if then is not None:
         then(*args)
+
+
+def _kill_daemonic_children() -> None:
+    """At interpreter exit (see the module docstring): SIGKILL this process's daemonic children."""
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.join(timeout=5)
+
+
+atexit.register(_kill_daemonic_children)

@@ -21,6 +21,7 @@ from train.config import Config
 from train.layerskip.curriculum import ExitCurriculum
 from train.layerskip.dropout import LayerDropout
 from train.preemption import PreemptionWatch
+from train.run_identity import RunHome
 from train.spikes import SpikeDetector
 
 
@@ -51,7 +52,7 @@ class Run:
     state: TrainState = dataclasses.field(default_factory=TrainState)
     nan_streak: int = 0  # consecutive steps skipped for a non-finite loss (not checkpointed)
     preemption: PreemptionWatch | None = None  # set by run(): the signals that stop the run
-    identity: dict = dataclasses.field(default_factory=dict)  # train/run_identity.py
+    home: RunHome | None = None  # the run's directory and identity (train/run_identity.py)
     # Loss-spike detection (train/spikes.py): its window and counters travel with the checkpoint.
     spikes: SpikeDetector | None = None
     compute_timer: Any = None  # train/stragglers.py: this rank's own compute time per step

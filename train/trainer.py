@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from parallel.dims import ParallelDims
 from parallel.distributed import (HangDumps, clip_grad_norm_, destroy, gather_rows, init_distributed,
                                   is_collective_timeout)
 from parallel.parallelize import load_full_state_dict, parallelize, wrapper_of
-from train.checkpoint import CheckpointManager, complete_checkpoints, step_dir_name
-from train.config import Config, ConfigError, to_dict
+from train.checkpoint import CheckpointManager, step_dir_name
+from train.config import Config, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
 from train.flight_recorder import configure_flight_recorder
@@ -55,7 +54,7 @@ from train.optim import build_optimizer, lr_at, set_lr
 from train.preemption import PreemptionWatch, Preempted, write_marker
 from train.preemption import exit_code as preempted_exit_code
 from train.profiling import build_profiler
-from train.run_identity import check_identity, default_run_dir, identity_hash, run_identity, write_identity
+from train.run_identity import open_run
 from train.run_state import Run, StepResult, TrainState
 from train.spikes import SKIP, WARN, SpikeDetector
 from train.stragglers import ComputeTimer
@@ -73,39 +72,6 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective a peer never joined; the message names the hang dumps."""
 
 
-def resolve_run_dir(cfg: Config, dp_world: int) -> Path:
-    """The run directory: run_dir, else outputs/<experiment>-<hash of the run's identity>
-    (train/run_identity.py), so the same command finds the same run on every launcher, across
-    elastic restarts and requeues. Every rank must have been given the same run: rank 0's
-    directory is the job's."""
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, dp_world)
-    if dist.is_initialized():
-        mine = identity_hash(run_identity(cfg, dp_world))
-        hashes = [None] * dist.get_world_size()
-        dist.all_gather_object(hashes, mine)
-        if len(set(hashes)) > 1:
-            odd = [i for i, h in enumerate(hashes) if h != hashes[0]]
-            raise ConfigError(f"ranks {odd} were started with other settings than rank 0 (model, data, "
-                              f"optim, layerskip or train differ): start every node with the same command")
-        box = [str(run_dir)]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = Path(box[0])
-    return run_dir
-
-
-def refuse_another_runs_checkpoints(cfg: Config, run_dir: Path, identity: dict, is_main: bool) -> None:
-    """Stop (every rank, one message) when this command would resume checkpoints that another
-    command's run left in `run_dir` (see train/run_identity.py)."""
-    problem = None
-    if is_main:
-        has = bool(complete_checkpoints(run_dir / "checkpoints"))
-        problem = check_identity(run_dir, identity, cfg.checkpoint.resume, has)
-    if dist.is_initialized():
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
-    if problem:
-        raise ConfigError(problem)
 
 
 def _dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -146,15 +112,17 @@ def init_weights(model, cfg: Config, device: torch.device, rank: int) -> None:
         load_full_state_dict(model, full)
 
 
-def run(cfg: Config) -> Path:
-    """Train as `cfg` says; returns the run directory. Raises `Preempted` after the checkpoint a
-    preemption signal asked for (the entry point turns it into the exit code)."""
+def run(cfg: Config, typed: Config | None = None) -> Path:
+    """Train as `cfg` says; returns the run directory. `typed` is the configuration as the user
+    gave it, before Hub ids were resolved (it names the run, train/run_identity.py; default `cfg`).
+    Raises `Preempted` after the checkpoint a preemption signal asked for (the entry point turns
+    it into the exit code)."""
     # First: a signal that arrives while the run builds must not kill it before it can save.
     watch = PreemptionWatch(cfg.preempt.signals)
     configure_flight_recorder(cfg.monitor.nccl_trace_buffer)  # read when the NCCL group is created
     try:
         rank, world, local_rank, device = init_distributed(cfg.parallel.timeout_s)
-        r = build_run(cfg, rank, world, device)
+        r = build_run(cfg, rank, world, device, typed)
         r.preemption = watch
         resume(r)
         return train_loop(r)
@@ -165,19 +133,15 @@ def run(cfg: Config) -> Path:
 
 # --------------------------------------------------------------------------- build
 
-def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
+def build_run(cfg: Config, rank: int, world: int, device: torch.device, typed: Config | None = None) -> Run:
     """Mesh, run directory, data, model (meta -> parallelize -> allocate + init or import),
     optimizer, LayerSkip schedules and the checkpoint manager; nothing is restored yet."""
     is_main = rank == 0
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.check_model(cfg.model, cfg.data.seq_len)
     dims.build_mesh(device.type)
-    run_dir = resolve_run_dir(cfg, dims.dp_world)
-    identity = run_identity(cfg, dims.dp_world)  # before the tokenizer path is resolved into cfg below
-    refuse_another_runs_checkpoints(cfg, run_dir, identity, is_main)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.info("run directory: %s", run_dir.resolve())
+    home = open_run(typed or cfg, cfg, dims.dp_world, is_main)  # named by the settings as typed
+    run_dir = home.dir
 
     # data (continual pretraining from a HF folder uses its tokenizer unless told otherwise)
     tokenizer = resolve_tokenizer_path(cfg.data, cfg.model)
@@ -216,7 +180,7 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     spikes = SpikeDetector(m.spike, m.spike_sigma, m.spike_window, m.spike_max_skips)
     return Run(cfg=cfg, rank=rank, world=world, device=device, dims=dims,
                dp_group=dims.dp_mesh.get_group(), run_dir=run_dir, data=data, model=model,
-               optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt, identity=identity,
+               optimizer=optimizer, dropout=dropout, curriculum=curriculum, ckpt=ckpt, home=home,
                spikes=spikes, compute_timer=ComputeTimer(model, device) if cfg.logging.stragglers else None)
 
 
@@ -230,7 +194,11 @@ def resume(r: Run) -> None:
         r.state = TrainState(**resumed["train_state"])
         r.data.train.load_state_dict(resumed["data"])
         r.dropout.load_state_dict(resumed["dropout"])
-        r.curriculum.load_state_dict(resumed["curriculum"])
+        # train.steps may change between submissions of a run (docs/runs.md; the change is logged
+        # by RunHome.record): the curriculum follows the new end instead of refusing it.
+        saved = dict(resumed["curriculum"])
+        saved["fingerprint"] = {k: v for k, v in saved.get("fingerprint", {}).items() if k != "total_steps"}
+        r.curriculum.load_state_dict(saved)
         if "torch_rng" in resumed:
             torch.set_rng_state(torch.tensor(resumed["torch_rng"], dtype=torch.uint8))
         if "spikes" in resumed and r.spikes is not None:
@@ -239,7 +207,7 @@ def resume(r: Run) -> None:
         log.info("resumed from step %d (%s)", r.state.step, r.ckpt.folder)
     if r.is_main:  # only now: a refused resume must not overwrite the config of the run it refused
         _write_config(r.cfg, r.run_dir)
-        write_identity(r.run_dir, r.identity, ["python -m train", *sys.argv[1:]])
+        r.home.record(r.cfg, r.state.step if resumed is not None else None, ["python -m train", *sys.argv[1:]])
 
 
 # --------------------------------------------------------------------------- one step

@@ -13,9 +13,12 @@ import hashlib
 from pathlib import Path
 
 
-def seed_hub_cache(hf_home: Path, repo_id: str, folder: Path, revision: str = "main") -> Path:
-    """Make `repo_id` at `revision` resolve offline to `folder`'s files; returns the snapshot."""
-    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()  # 40 hex digits, like git's
+def seed_hub_cache(hf_home: Path, repo_id: str, folder: Path, revision: str = "main",
+                   commit: str | None = None) -> Path:
+    """Make `repo_id` at `revision` resolve offline to `folder`'s files, as snapshot `commit`
+    (default: one derived from the id and revision); returns the snapshot. Seeding another
+    commit of the same revision is what the cache looks like after the Hub repository changed."""
+    commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()  # 40 hex digits, like git's
     repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,6 +187,43 @@ def test_signal_to_one_worker_stops_every_rank_without_a_restart(reference, run_
     assert last["balance/slowest_rank"] in (0, 1) and last["balance/fastest_rank"] in (0, 1)
     assert last["balance/slowest_step_s"] >= last["balance/fastest_step_s"] > 0
     assert 0 < last["balance/kept_min"] <= last["balance/kept_max"] <= 1
+
+
+def test_a_failed_preemption_save_ends_the_job_without_a_restart(reference, run_dirs):
+    """A stop is final: the checkpoint folder turns unwritable (here: a file where the folder
+    goes) as the signal reaches the launch script. The save fails, torchrun restarts the workers
+    (allowed restarts), and they refuse to train on: the script exits non-zero soon after the
+    signal, with the save's error and its own line in the output."""
+    corpus, _ = reference
+    run_dir = run_dirs(corpus)
+    sent = []
+
+    def unwritable_then_signal(script_pid: int) -> list[int]:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "checkpoints").write_text("not a folder\n")
+        sent.append(time.monotonic())
+        os.kill(script_pid, signal.SIGTERM)
+        return []
+
+    cmd, e = _single_node(corpus, max_restarts=2)
+    launch = start(cmd, cwd=ROOT, env=e)
+    try:
+        seen = signal_after(launch.proc, run_dir, 3, lambda: unwritable_then_signal(launch.proc.pid))
+        launch.proc.wait(timeout=90)
+        took = time.monotonic() - sent[0]
+    finally:
+        (done,) = wait_all([launch], timeout_s=1)
+    assert done.returncode not in (0, EXIT_PREEMPTED), done.output[-4000:]
+    assert "[launch] stopped by SIGTERM without a checkpoint of it" in done.output, done.output[-4000:]
+    assert re.search(rf"FileExistsError: .*{run_dir.name}/checkpoints", done.output), done.output[-4000:]
+    assert "not starting: the job was stopped by SIGTERM" in done.output  # the restart refused
+    assert "resumed from step" not in done.output
+    logged = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(l)]
+    # Only the step in progress (and, if the signal came after its sync, the next) finished; no
+    # restart logged a step again.
+    assert logged == sorted(set(logged)) and max(logged) <= seen + 2, (seen, logged)
+    assert took < 30, f"the job ended {took:.0f} s after the signal (torchrun's grace period: 30 s)"
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

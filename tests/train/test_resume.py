@@ -227,26 +227,43 @@ def test_resume_from_fsdp_on_ddp_replicas(corpus, fsdp_straight: Path, tmp_path:
 
 # ---------------------------------------------------------------------- the run a command names
 
-def test_run_directory_follows_from_the_settings_that_define_the_run(monkeypatch) -> None:
-    """Only what is trained names the run: the layout (with the same global batch), checkpointing,
-    logging, validation, data fetching and the launcher's ids do not."""
+def test_every_setting_is_either_identity_or_operational() -> None:
+    """The two documented lists cover the schema exactly: a new setting must be placed in one."""
+    from train.run_identity import IDENTITY_KEYS, OPERATIONAL_KEYS, schema_keys
+    keys = schema_keys()
+    assert len(keys) == len(set(keys))
+    unplaced = [k for k in keys if k not in IDENTITY_KEYS and k not in OPERATIONAL_KEYS]
+    assert not unplaced, f"settings in neither list of train/run_identity.py (and docs/runs.md): {unplaced}"
+    assert not set(IDENTITY_KEYS) & set(OPERATIONAL_KEYS)
+    assert not (set(IDENTITY_KEYS) | set(OPERATIONAL_KEYS)) - set(keys), "listed keys the schema lacks"
+    assert {"train.steps", "train.max_nan_steps", "data.num_workers", "eval.every"} <= set(OPERATIONAL_KEYS)
+    assert {"train.seed", "model.init_from", "data.source", "optim.lr", "optim.schedule"} <= set(IDENTITY_KEYS)
+
+
+def test_run_directory_follows_from_the_settings_that_define_the_run(monkeypatch, tmp_path) -> None:
+    """Only what is trained names the run: the layout (with the same global batch), the run's
+    length, checkpointing, logging, validation, data fetching and the launcher's ids do not; a Hub
+    id counts as typed (train/run_identity.py)."""
     from tests._launch import compose_config
-    from train.run_identity import default_run_dir
-    from train.trainer import resolve_run_dir
+    from train.run_identity import default_run_dir, open_run
     base = [*TINY, "data.source=/corpus/c.txt", "train.steps=8", "data.batch_size=4"]
     name = default_run_dir(compose_config(base), 1)
     assert name.parent.name == "outputs" and name.name.startswith("quickstart-")
     for same in (["checkpoint.resume=none"], ["checkpoint.interval=5", "checkpoint.keep=1"],
                  ["data.num_workers=3"], ["logging.every=7"], ["eval.every=3"], ["run_dir=/x"],
-                 ["data.cache_dir=/elsewhere"], ["preempt.signals=[SIGUSR2]"]):
+                 ["data.cache_dir=/elsewhere"], ["preempt.signals=[SIGUSR2]"], ["train.steps=9"],
+                 ["train.max_nan_steps=3"], ["parallel.timeout_s=60"]):
         assert default_run_dir(compose_config(base + same), 1) == name, same
     assert default_run_dir(compose_config(base + ["data.batch_size=2"]), 2) == name  # 2 ranks x 2
-    for other in (["model.dim=32"], ["train.steps=9"], ["optim.lr=0.001"], ["train.seed=1"],
-                  ["layerskip.dropout.p_max=0.3"], ["data.source=/corpus/d.txt"], ["data.batch_size=8"]):
+    for other in (["model.dim=32"], ["optim.lr=0.001"], ["train.seed=1"], ["optim.schedule=wsd"],
+                  ["layerskip.dropout.p_max=0.3"], ["data.source=/corpus/d.txt"], ["data.batch_size=8"],
+                  ["model.init_from=org/name"], ["model.init_from=org/name@v1"]):
         assert default_run_dir(compose_config(base + other), 1) != name, other
+    monkeypatch.chdir(tmp_path)
     for var, value in (("TORCHELASTIC_RUN_ID", "a1b2"), ("SLURM_JOB_ID", "77")):
         monkeypatch.setenv(var, value)
-        assert resolve_run_dir(compose_config(base), 1) == name
+        cfg = compose_config(base)
+        assert open_run(cfg, cfg, 1, is_main=True).dir == name
 
 
 def test_python_m_train_resumes_by_the_same_command_and_refuses_another(corpus, tmp_path: Path) -> None:
@@ -271,11 +288,74 @@ def test_python_m_train_resumes_by_the_same_command_and_refuses_another(corpus, 
     assert done.returncode == 75, done.output[-4000:]
     (saved,) = _complete_steps(run_dir)
 
-    again = _train(tmp_path, base, timeout_s=120)
-    assert f"resumed from step {saved}" in again and sorted(_losses(run_dir)) == list(range(1, 151))
+    # Operational settings changed (the advice of NonFiniteLossError, loader workers, validation)
+    # and train.steps raised: the same run resumes and trains to the new end.
+    longer = [*base, "train.steps=160", "train.max_nan_steps=2", "data.num_workers=1", "eval.every=155"]
+    again = _train(tmp_path, longer, timeout_s=120)
+    assert f"resumed from step {saved}" in again and sorted(_losses(run_dir)) == list(range(1, 161))
+    assert "train.steps changed from 150 to 160" in again, again[-3000:]
+    assert list((tmp_path / "outputs").iterdir()) == [run_dir]
+    assert json.loads((run_dir / "identity.json").read_text())["train.steps"] == 160
+
+    shorter = subprocess.run([sys.executable, "-m", "train", *base, "train.steps=100"], cwd=tmp_path,
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert shorter.returncode == 2, shorter.stderr[-4000:]
+    errors = [l for l in shorter.stderr.splitlines() if " ERROR " in l]
+    assert len(errors) == 1 and "train.steps=100 ends before step 160" in errors[0], shorter.stderr[-3000:]
 
     other = subprocess.run([sys.executable, "-m", "train", *base, "optim.lr=0.001", f"run_dir={run_dir}"],
                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert other.returncode == 2, other.stderr[-4000:]
     assert "optim.lr: run 0.003, this command 0.001" in other.stderr
     assert "checkpoint.resume=none" in other.stderr and "run_dir=" in other.stderr
+
+
+# ---------------------------------------------------------------------- loader workers, any start method
+
+# `python -m train` with multiprocessing's default start method set first: Python 3.14 makes
+# forkserver Linux's default, and the loader's workers (data=files: 2 per rank) must work and die
+# with their trainer under each.
+_WITH_START_METHOD = ("import multiprocessing, runpy, sys\n"
+                      "multiprocessing.set_start_method(sys.argv[1])\n"
+                      "sys.argv = ['train', *sys.argv[2:]]\n"
+                      "runpy.run_module('train', run_name='__main__', alter_sys=True)")
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def _with_start_method(method: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-c", _WITH_START_METHOD, method, *overrides]
+
+
+def test_loader_workers_under_every_start_method(corpus, straight: Path, tmp_path: Path) -> None:
+    """Under fork, spawn and forkserver: a run's losses are those of the reference run (started
+    with Python's default here), and a trainer killed with SIGKILL leaves none of its processes
+    (loader workers, fork server) behind."""
+    from tests._cluster import job_pids, read_losses, wait_gone
+    from tests._launch import LaunchTimeout, start, wait_all
+    assert _overrides(corpus, straight, STEPS, 4)[:len(TINY)] == TINY and "data=files" in TINY
+    runs = {m: start(_with_start_method(m, _overrides(corpus, tmp_path / m, STEPS, 4)), corpus["cwd"], _env())
+            for m in START_METHODS[1:]}  # fork is the reference's own (Python 3.11-3.13's default)
+    for m, done in zip(runs, wait_all(list(runs.values()), timeout_s=240)):
+        done.check()
+        assert _losses(tmp_path / m) == _losses(straight), m
+
+    killed = {m: start(_with_start_method(m, _overrides(corpus, tmp_path / f"killed-{m}", 10_000, 4)),
+                       corpus["cwd"], _env()) for m in START_METHODS}
+    try:
+        deadline = time.monotonic() + 180
+        for m, launch in killed.items():  # once its first step is logged, its workers are up
+            while not read_losses(tmp_path / f"killed-{m}"):
+                assert launch.proc.poll() is None, f"{m}: the run ended before it could be killed"
+                assert time.monotonic() < deadline, f"{m}: no step logged within 180 s"
+                time.sleep(0.1)
+            pids = job_pids(launch.proc.pid)
+            assert len(pids) >= 3, f"{m}: expected the trainer and its 2 loader workers, got {pids}"
+            launch.proc.send_signal(signal.SIGKILL)
+            left = wait_gone(pids, timeout_s=10)
+            assert not left, f"{m}: processes outlived the killed trainer: {left}"
+    finally:
+        for launch in killed.values():
+            try:
+                wait_all([launch], timeout_s=0.1)
+            except LaunchTimeout:
+                pass
