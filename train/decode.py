@@ -150,7 +150,7 @@ def hf_sampling_kwargs(sampling: Sampling) -> dict:
     """`generate()` arguments for the same decoding in transformers."""
     if sampling.greedy:
         return {"do_sample": False}
-    return {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k or None,
+    return {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,  # 0: off
             "top_p": sampling.top_p}
 
 

@@ -113,8 +113,10 @@ class CachedLlama:
         attn = self.model.layers["0"].attention
         w = attn.wk.weight
         shape = (batch_size, attn.n_kv_heads, max_len, attn.head_dim)
-        self.caches = [BlockCache(torch.empty(shape, dtype=w.dtype, device=w.device),
-                                  torch.empty(shape, dtype=w.dtype, device=w.device))
+        # Zeros, not empty: in a ragged batch a row's masked-out keys/values still enter the
+        # attention product with weight 0, and 0 * (uninitialised NaN) would be NaN.
+        self.caches = [BlockCache(torch.zeros(shape, dtype=w.dtype, device=w.device),
+                                  torch.zeros(shape, dtype=w.dtype, device=w.device))
                        for _ in range(self.n_layers)]
         self.lengths = [[0] * batch_size for _ in range(self.n_layers)]
 
