@@ -54,7 +54,14 @@ def _commit() -> str:
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {torch.get_num_threads()} torch threads"
 
 
 def random_export(shape: str, out: Path) -> Path:
@@ -91,7 +98,8 @@ def ours(model, prompts, batch_size, max_new, E, d, sampling: Sampling) -> dict:
             "outputs": [g.tokens for g in base]}
 
 
-def hf(model, draft, prompts, batch_size, max_new, E, d, sampling: Sampling, our_outputs) -> dict:
+def hf(model, draft, prompts, batch_size, max_new, E, d, sampling: Sampling, our_outputs,
+       assisted_cache: dict) -> dict:
     from train.decode import hf_sampling_kwargs
 
     def plain_batch(batch):
@@ -117,8 +125,10 @@ def hf(model, draft, prompts, batch_size, max_new, E, d, sampling: Sampling, our
               "plain_identical_to_ours": outs == our_outputs if sampling.greedy else None}
     set_early_exit_drafts(model, d)
     for name, kw in (("early_exit", {"assistant_early_exit": E}), ("draft_model", {"assistant_model": draft})):
-        hf_generate(model, prompts[0], max_new, sampling, **kw)  # warm-up
-        runs = [hf_generate(model, p, max_new, sampling, **kw) for p in prompts]  # batch 1 only
+        if name not in assisted_cache:  # batch 1 only: the same run serves every batch size
+            hf_generate(model, prompts[0], max_new, sampling, **kw)  # warm-up
+            assisted_cache[name] = [hf_generate(model, p, max_new, sampling, **kw) for p in prompts]
+        runs = assisted_cache[name]
         tps = sum(len(o) for o, _ in runs) / sum(s for _, s in runs)
         result[name] = {"tokens_per_s": tps, "speedup": tps / plain_tps,
                         "identical_to_plain": [o for o, _ in runs] == outs if sampling.greedy else None}
@@ -190,6 +200,7 @@ def _run(args, hf_dir: Path, tmp: Path, sampling: Sampling, batch_sizes: list[in
         import transformers
         report["transformers"] = transformers.__version__
     for mode, s in (("greedy", Sampling()), ("sampled", sampling)):
+        assisted: dict = {}  # transformers' assisted runs of this mode (batch 1), reused for every B
         for B in batch_sizes:
             row = {"mode": mode, "batch_size": B,
                    "sampling": None if s.greedy else {"temperature": s.temperature, "top_k": s.top_k,
@@ -197,7 +208,7 @@ def _run(args, hf_dir: Path, tmp: Path, sampling: Sampling, batch_sizes: list[in
             row["ours"] = ours(model, prompts, B, args.max_new_tokens, args.exit, args.draft, s)
             if hf_full is not None:
                 row["hf"] = hf(hf_full, hf_draft, prompts, B, args.max_new_tokens, args.exit, args.draft, s,
-                               row["ours"]["outputs"])
+                               row["ours"]["outputs"], assisted)
                 for name in ("early_exit", "draft_model"):
                     row["hf"][name]["ours_spec_over_it"] = row["ours"]["spec_tokens_per_s"] / row["hf"][name]["tokens_per_s"]
             row["ours"].pop("outputs")
