@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from train.config import ModelConfig
-from train.inference import CachedLlama, Sampling, generate, greedy_generate, self_speculative_generate
+from train.inference import CachedLlama, Sampling, greedy_generate, self_speculative_generate
 from tests.train._models import exported_random_model, one_thread, random_model, sentencepiece_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +83,30 @@ def test_batches_decode_every_row_as_batch_one():
         assert len({tuple(g.rounds) for g in spec}) > 1  # the rows really accepted differently
         spec_eos = self_speculative_generate(model, prompts, 24, E, d, eos_id=eos)
         assert [g.tokens for g in spec_eos] == [g.tokens for g in alone_eos], (E, d)
+
+
+@torch.no_grad()
+def test_bfloat16_batches_greedy_and_sampled():
+    """The engine in bfloat16 (as on a GPU; `--dtype bfloat16`). bfloat16 rounds differently in a
+    batch, a chunk or one token at a time, so near-ties may resolve differently from plain greedy
+    decoding; every token of a self-speculative batch must still be the full model's argmax up to
+    bfloat16 rounding, given the tokens before it. Sampling gives in-vocabulary tokens."""
+    model = random_model(CFG, seed=4)
+    freqs = model.freqs_cis
+    model.freqs_cis = None  # Module.to(dtype) would cast the complex RoPE table to real
+    model.to(torch.bfloat16)
+    model.freqs_cis = freqs
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, CFG.vocab_size, (n,), generator=gen).tolist() for n in (3, 8, 5, 1)]
+    spec = self_speculative_generate(model, prompts, 16, 2, 3)
+    for prompt, g in zip(prompts, spec):
+        assert len(g.tokens) == 16
+        logits = model(torch.tensor([prompt + g.tokens]))[0, len(prompt) - 1:-1].float()
+        chosen = logits.gather(-1, torch.tensor(g.tokens)[:, None]).squeeze(-1)
+        best = logits.max(-1).values
+        assert (chosen >= best - 0.02 * best.abs().clamp_min(1)).all(), (best - chosen).tolist()
+    sampled = self_speculative_generate(model, prompts, 16, 2, 3, sampling=Sampling(1.0, top_p=0.9, seed=0))
+    assert all(len(g.tokens) == 16 and all(0 <= t < CFG.vocab_size for t in g.tokens) for g in sampled)
 
 
 SMALL_VOCAB = ModelConfig(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=8, multiple_of=32, max_seq_len=32)
