@@ -294,7 +294,8 @@ def export_draft_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     cfg = ModelConfig(name=hf_dir.name, **read_hf_config(hf_dir))
     dtype = getattr(torch, json.loads((hf_dir / "config.json").read_text()).get("torch_dtype") or "float32")
     state, draft_cfg = draft_state_dict(load_hf_state_dict(hf_dir, cfg), cfg, n_blocks)
-    return export_hf(state, draft_cfg, out_dir, hf_dir, dtype)
+    from train.data.tokenizer import find_tokenizer_file
+    return export_hf(state, draft_cfg, out_dir, find_tokenizer_file(hf_dir), dtype)  # None: no tokenizer
 
 
 def _write_shards(shards: list[dict[str, torch.Tensor]], folder: Path, save_file) -> None:
