@@ -94,6 +94,25 @@ class BlockCache:
     v: torch.Tensor
 
 
+class _Positions:
+    """Where T new tokens of every row go: row b's positions starts[b]..starts[b]+T-1, and the
+    attention mask letting query i of row b see that row's keys 0..starts[b]+i."""
+
+    def __init__(self, starts: list[int], T: int, device: torch.device) -> None:
+        self.starts, self.end = starts, max(starts) + T
+        self.uniform = all(s == starts[0] for s in starts)
+        offsets = torch.arange(T, device=device)
+        if self.uniform:  # one position range for the whole batch: slices, and no mask for one query
+            self.positions = (starts[0] + offsets).unsqueeze(0)
+            self.rows = None
+        else:
+            self.positions = torch.tensor(starts, device=device)[:, None] + offsets
+            self.rows = torch.arange(len(starts), device=device)[:, None].expand(len(starts), T)
+        self.mask = None
+        if T > 1 or not self.uniform:
+            self.mask = (torch.arange(self.end, device=device) <= self.positions[..., None]).unsqueeze(1)
+
+
 class CachedLlama:
     """Runs any contiguous range of a model's blocks over new positions of a batch, with a KV cache
     per block and a cache length per row per block."""
@@ -134,8 +153,9 @@ class CachedLlama:
             c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
         self.lengths = [[row_lengths[r] for r in rows] for row_lengths in self.lengths]
 
-    def _attention(self, layer: int, x: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    def _attention(self, layer: int, x: torch.Tensor, where: "_Positions") -> torch.Tensor:
         attn, cache, lengths = self.model.layers[str(layer)].attention, self.caches[layer], self.lengths[layer]
+        starts = where.starts
         if any(s > n for s, n in zip(starts, lengths)):
             raise RuntimeError(f"block {layer}: writing positions {starts} after only {lengths} "
                                "cached positions would leave a gap")
@@ -143,28 +163,16 @@ class CachedLlama:
         q = attn.wq(x).view(B, T, -1, attn.head_dim)
         k = attn.wk(x).view(B, T, -1, attn.head_dim)
         v = attn.wv(x).view(B, T, -1, attn.head_dim)
-        uniform = all(s == starts[0] for s in starts)
-        offsets = torch.arange(T, device=x.device)
-        if uniform:  # one position range for the whole batch: slices, and no mask for one query
-            positions = (starts[0] + offsets).unsqueeze(0)
+        q, k = apply_rotary_emb(q, k, self.model.freqs_cis, positions=where.positions)
+        if where.uniform:
+            cache.k[:, :, starts[0]:where.end] = k.transpose(1, 2)
+            cache.v[:, :, starts[0]:where.end] = v.transpose(1, 2)
         else:
-            positions = torch.tensor(starts, device=x.device)[:, None] + offsets
-        q, k = apply_rotary_emb(q, k, self.model.freqs_cis, positions=positions)
-        end = max(starts) + T
-        if uniform:
-            cache.k[:, :, starts[0]:end] = k.transpose(1, 2)
-            cache.v[:, :, starts[0]:end] = v.transpose(1, 2)
-        else:
-            rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
-            cache.k[rows, :, positions] = k
-            cache.v[rows, :, positions] = v
+            cache.k[where.rows, :, where.positions] = k
+            cache.v[where.rows, :, where.positions] = v
         lengths[:] = [s + T for s in starts]
-        # Query i of row b (position starts[b] + i) sees that row's keys 0..starts[b] + i.
-        mask = None
-        if T > 1 or not uniform:
-            mask = (torch.arange(end, device=x.device) <= positions[..., None]).unsqueeze(1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[:, :, :end], cache.v[:, :, :end],
-                                             attn_mask=mask, enable_gqa=attn.enable_gqa)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[:, :, :where.end], cache.v[:, :, :where.end],
+                                             attn_mask=where.mask, enable_gqa=attn.enable_gqa)
         return attn.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     @torch.no_grad()
@@ -178,10 +186,11 @@ class CachedLlama:
         if not 0 <= first < last <= self.n_layers:
             raise ValueError(f"block range ({first}, {last}) is invalid for {self.n_layers} blocks")
         starts = [start_pos] * x.shape[0] if isinstance(start_pos, int) else list(start_pos)
+        where = _Positions(starts, x.shape[1], x.device)  # shared by every block of the range
         h = self.model.tok_embeddings(x) if first == 0 else x
         for layer in range(first, last):
             block = self.model.layers[str(layer)]
-            h = h + self._attention(layer, block.attention_norm(h), starts)
+            h = h + self._attention(layer, block.attention_norm(h), where)
             h = h + block.feed_forward(block.ffn_norm(h))
         return h
 
