@@ -91,12 +91,13 @@ def test_decode_reads_a_run_directory_sampled_and_batched(run_dir, tmp_path):
     report = main(["--model", str(run), "--exits", "1", "--draft", "3", "--prompts", "4", "--prompt-tokens", "6",
                    "--max-new-tokens", "10", "--max-tokens", "64", "--seq-len", "32", "--batch-size", "2",
                    "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--no-hf", "--device", "cpu",
-                   "--ignore-eos", "--json", str(tmp_path / "r.json")])
+                   "--ignore-eos", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
     spec = report["speculative"]
     assert report["text_tokens"] > 100 and [r["exit"] for r in report["perplexity"]["layers"]] == list(range(1, 9))
     assert spec["batch_size"] == 2 and "greedy" not in spec and spec["sampled"]["tokens"] == 40
     (run_,) = spec["runs"]
     assert run_["tokens"] == 40 and run_["identical"] is None and 0 < run_["acceptance_rate"] < 1
+    assert (tmp_path / "r.png").stat().st_size > 10_000  # the plot reads the sampled baseline
     with pytest.raises(SystemExit, match="--top-p"):
         main(["--model", str(run), "--temperature", "1", "--top-p", "0"])
     with pytest.raises(SystemExit, match="train.export"):
