@@ -87,7 +87,7 @@ if [ $DRY = 1 ]; then
   COST=(--preset tiny)
   COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
   HF_CMP=(--synthetic tiny --steps 3 --warmup 1 --val-batches 1)
-  DECODE=(--device cpu --dtype float32 --batch-sizes 1,2 --prompts 2 --prompt-tokens 8 --max-new-tokens 6)
+  DECODE=(--device cpu --dtype float32 --batch-sizes 1,2 --prompts 2 --prompt-tokens 8 --max-new-tokens 4)
 else
   FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
   MODEL=(model=llama3_2_1b model.tie_embeddings=false model.max_seq_len=$SEQ)  # torchtitan's 1B is untied
