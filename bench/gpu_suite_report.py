@@ -116,12 +116,16 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
     if not dry or "titan_compile" in status:
         expected += ["titan_compile", "ours_compile"]
     missing = [n for n in expected if status.get(n) != "0"]
+    if status.get("decode") not in (None, "0", "skipped"):  # run (not skipped for time) and failed
+        missing.append("decode")
+    decode_path = work / "decode.json"  # bench/decode_speed.py
+    decode = json.loads(decode_path.read_text()) if decode_path.is_file() else None
     missing += [n for n in ("titan_eager", "ours_eager", "paper") if runs.get(n) is None and n not in missing]
     if cost is None and "layerskip_cost" not in missing:
         missing.append("layerskip_cost")
     return {"mode": "dry_run" if dry else "gpu", "device": device, "torch": torch_version,
             "steps": status, "failed_or_missing": missing, "runs": runs, "checks": checks, "info": info,
-            "layerskip_cost": cost, "estimate": estimate, "hf_compare": hf_compare}
+            "layerskip_cost": cost, "estimate": estimate, "hf_compare": hf_compare, "decode": decode}
 
 
 def table(report: dict) -> str:
@@ -142,6 +146,19 @@ def table(report: dict) -> str:
         lines.append(f"| {c['check']} | {fmt(c['value'])} | {c['target']} | {c['verdict']} |")
     for k, v in report["info"].items():
         lines.append(f"| {k} | {fmt(v)} | (reported) | |")
+    if report.get("decode"):
+        d = report["decode"]
+        lines += ["", f"Decoding ({d['model']}, {d['dtype']}, exit {d['exit']}, {d['draft']} drafts a round): "
+                  "tokens/s and speedup over plain decoding", "",
+                  "| mode | batch | ours plain | ours self-speculative | acceptance | HF plain | "
+                  "HF assistant_early_exit | HF draft model |", "|---|---|---|---|---|---|---|---|"]
+        for r in d["results"]:
+            o, h = r["ours"], r.get("hf")
+            hf_cells = (f"{h['plain_tokens_per_s']:,.0f} | {h['early_exit']['tokens_per_s']:,.0f} "
+                        f"({h['early_exit']['speedup']:.2f}x) | {h['draft_model']['tokens_per_s']:,.0f} "
+                        f"({h['draft_model']['speedup']:.2f}x)") if h else " | | "
+            lines.append(f"| {r['mode']} | {r['batch_size']} | {o['plain_tokens_per_s']:,.0f} | "
+                         f"{o['spec_tokens_per_s']:,.0f} ({o['speedup']:.2f}x) | {o['acceptance_rate']:.2f} | {hf_cells} |")
     if report["failed_or_missing"]:
         lines += ["", "failed or missing steps: " + ", ".join(report["failed_or_missing"])]
     return "\n".join(lines)

@@ -275,6 +275,29 @@ def export_hf(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_d
     return out_dir
 
 
+def draft_state_dict(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                     n_blocks: int) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The first `n_blocks` blocks + the embedding, the shared final norm and the head: a Llama of
+    depth E = n_blocks whose logits are the full model's exit E (LayerSkip's draft model)."""
+    if not 1 <= n_blocks < model_cfg.n_layers:
+        raise ValueError(f"--draft-exit must be in [1, {model_cfg.n_layers - 1}] for a "
+                         f"{model_cfg.n_layers}-block model, got {n_blocks}")
+    kept = {k: v for k, v in state_dict.items()
+            if not k.startswith("layers.") or int(k.split(".")[1]) < n_blocks}
+    return kept, dataclasses.replace(model_cfg, n_layers=n_blocks)
+
+
+def export_draft_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, n_blocks: int) -> Path:
+    """A draft folder (`draft_state_dict`) cut from a Hugging Face Llama folder, in the folder's
+    dtype, with its tokenizer."""
+    hf_dir = Path(hf_dir)
+    cfg = ModelConfig(name=hf_dir.name, **read_hf_config(hf_dir))
+    dtype = getattr(torch, json.loads((hf_dir / "config.json").read_text()).get("torch_dtype") or "float32")
+    state, draft_cfg = draft_state_dict(load_hf_state_dict(hf_dir, cfg), cfg, n_blocks)
+    from train.data.tokenizer import find_tokenizer_file
+    return export_hf(state, draft_cfg, out_dir, find_tokenizer_file(hf_dir), dtype)  # None: no tokenizer
+
+
 def _write_shards(shards: list[dict[str, torch.Tensor]], folder: Path, save_file) -> None:
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
