@@ -96,6 +96,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch._higher_order_ops.flex_attention,  # model.attention=block_causal on CUDA
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
 }
 
