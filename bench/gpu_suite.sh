@@ -11,7 +11,11 @@
 #      against the measured peak;
 #   6. bench/smollm2_speed.py on a random tied Llama of SmolLM2's shape (fp32, 4 x 128 tokens):
 #      Hugging Face's plain LlamaForCausalLM step against our trainer, LayerSkip off and on, and
-#      validation of every exit against its FLOP bound (needs transformers on the device).
+#      validation of every exit against its FLOP bound (needs transformers on the device);
+#   7. bench/document_mask_cost.py: the continual_llama3_2_1b recipe's step (Llama 3.2 1B, seq
+#      4096, batch 4, its LayerSkip) with document masking (FlexAttention) against causal
+#      attention, eager blocks (FlexAttention itself is compiled), packed documents of 1024
+#      tokens on average.
 # It writes suite.json, suite.md (the table of ratios against the targets) and suite.log into
 # --out, and keeps runs, logs and data in a work folder (GPU_SUITE_WORK, default /tmp/gpu_suite).
 #
@@ -82,6 +86,7 @@ if [ $DRY = 1 ]; then
   COST=(--preset tiny)
   COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
   HF_CMP=(--synthetic tiny --steps 3 --warmup 1 --val-batches 1)
+  DOC_MASK=(--shapes tiny --rounds 1 --warmup 0 --doc-tokens 16)
 else
   FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
   MODEL=(model=llama3_2_1b model.tie_embeddings=false model.max_seq_len=$SEQ)  # torchtitan's 1B is untied
@@ -89,6 +94,7 @@ else
   COST=(--preset anchor --batch 4 --seq 4096 --chunk 4096 --rounds 8 --warmup 2)
   COMPILE=1
   HF_CMP=(--synthetic smollm2 --steps 12 --warmup 4 --val-batches 4)
+  DOC_MASK=(--shapes llama3_2_1b --rounds 4 --warmup 2 --no-compile)
 fi
 
 # ---- python packages: ours unpacked into $WORK/site, the anchor's by run_titan.sh into $WORK/titan/vendor
@@ -167,6 +173,8 @@ run_step hf_compare 150 env PYTHONPATH="$OURPATH" "$PY" bench/smollm2_speed.py "
   --parts hf,ours,ours_layerskip,validation --work "$WORK/hf_compare" --out "$WORK/hf_compare.json"
 run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ "$COMPILE" = 1 ] && echo true || echo false) \
   run_dir="$WORK/runs/paper"
+run_step document_mask 150 env PYTHONPATH="$OURPATH" "$PY" bench/document_mask_cost.py "${DOC_MASK[@]}" \
+  --out "$WORK/document_mask.json"
 
 PYTHONPATH="$OURPATH" "$PY" bench/gpu_suite_report.py --work "$WORK" --anchor "$ANCHOR" \
   --flavor "$FLAVOR" --warmup "$WARMUP" --out "$RESULTS" $([ $DRY = 1 ] && echo --dry-run) \
