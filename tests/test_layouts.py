@@ -4,8 +4,8 @@ With the same global batch (the loader cuts global batch k the same way whatever
 data-parallel ranks), layer dropout in `global` mode (decisions by global sample index) and rank 0
 initialising the model and broadcasting it (CPU), ten steps of LayerSkip training (per-sample layer
 dropout + rotational early exits, attention masked at document boundaries) must give the same
-per-step losses, per-exit losses and gradient
-norms in every layout, up to the rounding of the gradient reductions (< 1e-4 in fp32):
+per-step losses, per-exit losses and gradient norms in every layout, up to the rounding of the
+gradient reductions (< 1e-4 in fp32):
   one process, batch 8  ==  FSDP over 4 ranks, batch 2  ==  FSDP 2 x TP 2, batch 4
                         ==  2 "nodes" (two torchrun agents, c10d rendezvous) x 2 ranks, batch 2.
 (DDP replicas train as FSDP ranks do: tests/train/test_resume.py resumes an FSDP run on 2 DDP

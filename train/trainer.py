@@ -231,7 +231,11 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     # model: meta -> parallelize -> allocate + init (or import) on the device
     param_dtype, reduce_dtype = _dtypes(cfg, device)
     # model.attention=block_causal: the model finds the documents in its input by BOS/EOS
-    model = build_model(cfg.model, documents=document_boundaries(cfg.model, data.tokenizer))
+    documents = document_boundaries(cfg.model, data.tokenizer)
+    if is_main and documents is not None:
+        log.info("attention masked at document boundaries (a document starts at BOS %d after EOS %d)",
+                 documents.bos_id, documents.eos_id)
+    model = build_model(cfg.model, documents=documents)
     parallelize(model, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if is_main and device.type == "cpu" and wrapper_of(model) == "fsdp" and dims.dp_world == dims.dp_shard \
             and dims.tp == 1 and param_dtype == torch.float32:

@@ -139,6 +139,7 @@ def test_stop_and_resume_equals_straight_run(corpus, straight: Path, tmp_path: P
     run_dir = _copy_run(straight, tmp_path / "run", up_to_step=4)
     log = _train(corpus["cwd"], _overrides(corpus, run_dir, STEPS, 4))
     assert "resumed from step 4" in log
+    assert "attention masked at document boundaries" in log
     assert _losses(run_dir) == _losses(straight)
 
 
