@@ -13,6 +13,8 @@ Shapes (--shapes, comma-separated):
   llama3_2_1b  the continual_llama3_2_1b recipe: Llama 3.2 1B, seq 4096, batch 4, its LayerSkip,
                selective AC and compiled blocks (GPU: FlexAttention against SDPA's causal kernel);
   tiny         a few milliseconds, for smoke tests (no figures).
+Before timing, the mask is checked on the device: a tiny fp32 model's packed documents must equal
+the documents computed alone, at every exit, under layer dropout (else the script stops).
 Time: on CUDA, wall time between synchronisations (bf16 weights); on CPU, the process's CPU time
 with one intra-op thread (fp32), which stays meaningful on a busy machine (wall time is recorded
 too). On CPU the mask is dense ([B, 1, S, S] booleans into scaled_dot_product_attention), whose
@@ -147,6 +149,41 @@ def measure(name: str, shape: Shape, rounds: int, warmup: int, doc_tokens: float
             "tokens_per_s": {m: tokens_per_step / (out[m]["median_ms"] / 1000) for m in MODES}}
 
 
+def check_exactness(device: torch.device) -> dict:
+    """Before timing: on this device, with the mask form the trainer uses here (FlexAttention on
+    CUDA), a tiny fp32 model's packed documents equal the documents computed alone by the causal
+    model, at every exit, under layer dropout (blocks kept on some rows only, one on none).
+    Returns the largest difference; the caller stops when it is above 1e-3."""
+    cfg = compose(SHAPES["tiny"].recipe + ["model.n_layers=4", "model.max_seq_len=256"]).model
+    docs_cfg = DocumentBoundaries(BOS, EOS)
+    state = init_model(build_model(replace(cfg, attention="causal"), "cpu"), "cpu", seed=0).state_dict()
+    masked, causal = build_model(cfg, device, documents=docs_cfg), build_model(cfg, device)
+    masked.load_state_dict(state)
+    causal.load_state_dict(state)
+    tokens, _ = packed_windows(2, 256, cfg.vocab_size, doc_tokens=60, seed=1)  # two 128-token blocks a row
+    tokens = tokens[:, :-1].to(device)
+    L = cfg.n_layers
+    keep_rows = [None, [1], [], [0]]  # all rows; row 1 only; none (the block still runs); row 0
+    keep = [None if k is None else torch.tensor(k, dtype=torch.long, device=device) for k in keep_rows]
+
+    def exits(model, x, keep):
+        return model(x, keep=keep, capture=range(L), loss_fn=lambda m, h, hidden: {l: m.unembed(v) for l, v in hidden.items()})
+
+    worst = 0.0
+    with torch.no_grad():
+        packed = exits(masked, tokens, keep)
+        ids = docs_cfg.mask(tokens.cpu(), flex=False).ids
+        for r in range(tokens.shape[0]):
+            for d in ids[r].unique().tolist():
+                pos = (ids[r] == d).nonzero().flatten()
+                a, b = int(pos[0]), int(pos[-1]) + 1
+                own = [None if k is None else torch.tensor([0] if r in k else [], dtype=torch.long, device=device)
+                       for k in keep_rows]
+                alone = exits(causal, tokens[r:r + 1, a:b], own)
+                worst = max(worst, max(float((packed[l][r, a:b] - alone[l][0]).abs().max()) for l in range(L)))
+    return {"max_abs_diff": worst, "form": "FlexAttention BlockMask" if device.type == "cuda" else "dense mask"}
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -177,6 +214,11 @@ def main() -> None:
     if not cuda:
         torch.set_num_threads(args.threads)
     compiled = cuda and not args.no_compile
+    exact = check_exactness(device)
+    print(f"exactness ({exact['form']}): packed documents vs alone, every exit, largest difference "
+          f"{exact['max_abs_diff']:.2e}", file=sys.stderr, flush=True)
+    if not exact["max_abs_diff"] <= 1e-3:
+        sys.exit(f"document masking is not exact on {device}: largest difference {exact['max_abs_diff']:.2e}")
     results = {n: measure(n, SHAPES[n], args.rounds, args.warmup, args.doc_tokens, device, dtype, compiled)
                for n in names}
     device_name = torch.cuda.get_device_name(0) if cuda else f"cpu, {args.threads} thread(s), CPU time"
@@ -191,7 +233,7 @@ def main() -> None:
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "device": device_name, "torch": torch.__version__, "dtype": str(dtype), "commit": _commit(),
                 "command": "python " + " ".join(sys.argv), "doc_tokens": args.doc_tokens, "rounds": args.rounds,
-                "warmup": args.warmup, "compiled": compiled}
+                "warmup": args.warmup, "compiled": compiled, "exactness": exact}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -91,9 +91,11 @@ class DocumentMask:
 
 @dataclass(frozen=True)
 class DocumentBoundaries:
-    """The tokenizer's BOS and EOS ids: what a model needs to find documents in its input."""
+    """The tokenizer's BOS and EOS ids: what a model needs to find documents in its input.
+    flex: the form of the mask (see `mask`); None: FlexAttention on CUDA, dense elsewhere."""
     bos_id: int
     eos_id: int
+    flex: bool | None = None
 
     def __post_init__(self) -> None:
         if self.bos_id < 0 or self.eos_id < 0:
@@ -101,8 +103,9 @@ class DocumentBoundaries:
 
     def mask(self, tokens: torch.Tensor, flex: bool | None = None) -> DocumentMask:
         """The mask of a batch of token ids [B, S]. flex: BlockMask (FlexAttention) or dense;
-        None picks FlexAttention on CUDA, dense elsewhere."""
+        None: `self.flex`, and if that is None too, FlexAttention on CUDA, dense elsewhere."""
         ids = document_ids(tokens, self.bos_id, self.eos_id)
+        flex = self.flex if flex is None else flex
         if flex is None:
             flex = tokens.is_cuda
         return DocumentMask(ids, block_mask(ids) if flex else dense_mask(ids))
