@@ -167,7 +167,9 @@ def check_exactness(device: torch.device) -> dict:
     keep = [None if k is None else torch.tensor(k, dtype=torch.long, device=device) for k in keep_rows]
 
     def exits(model, x, keep):
-        return model(x, keep=keep, capture=range(L), loss_fn=lambda m, h, hidden: {l: m.unembed(v) for l, v in hidden.items()})
+        def logits(m, h, hidden):
+            return {l: m.unembed(v) for l, v in hidden.items()}
+        return model(x, keep=keep, capture=range(L), loss_fn=logits)
 
     worst = 0.0
     with torch.no_grad():
