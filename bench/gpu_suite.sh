@@ -12,7 +12,11 @@
 #   6. bench/smollm2_speed.py on a random tied Llama of SmolLM2's shape (fp32, 4 x 128 tokens):
 #      Hugging Face's plain LlamaForCausalLM step against our trainer, LayerSkip off and on, and
 #      validation of every exit against its FLOP bound (needs transformers);
-#   7. bench/decode_speed.py in bf16: plain and self-speculative decoding, greedy and sampled, batch 1
+#   7. bench/document_mask_cost.py: the continual_llama3_2_1b recipe's step (Llama 3.2 1B, seq
+#      4096, batch 4, its LayerSkip) with document masking (FlexAttention) against causal
+#      attention, eager blocks (FlexAttention itself is compiled), packed documents of 1024
+#      tokens on average;
+#   8. bench/decode_speed.py in bf16: plain and self-speculative decoding, greedy and sampled, batch 1
 #      and 8, beside transformers' assistant_early_exit and assisted generation with the draft
 #      folder. On a quickstart run directory or export named by GPU_SUITE_DECODE_MODEL
 #      (GPU_SUITE_DECODE_EXIT/_DRAFT, default 6 and 4); without one, on random weights of the
@@ -88,6 +92,7 @@ if [ $DRY = 1 ]; then
   COMPILE="${GPU_SUITE_DRY_COMPILE:-0}"  # 1: the compiled runs too (minutes of inductor on a CPU)
   HF_CMP=(--synthetic tiny --steps 3 --warmup 1 --val-batches 1)
   DECODE=(--device cpu --dtype float32 --batch-sizes 1,2 --prompts 2 --prompt-tokens 8 --max-new-tokens 4)
+  DOC_MASK=(--shapes tiny --rounds 1 --warmup 0 --doc-tokens 16)
 else
   FLAVOR=1B; LBS=4; SEQ=4096; STEPS=25; WARMUP=5
   MODEL=(model=llama3_2_1b model.tie_embeddings=false model.max_seq_len=$SEQ)  # torchtitan's 1B is untied
@@ -96,6 +101,7 @@ else
   COMPILE=1
   HF_CMP=(--synthetic smollm2 --steps 12 --warmup 4 --val-batches 4)
   DECODE=(--device cuda --dtype bfloat16 --batch-sizes 1,8 --prompts 8 --prompt-tokens 32 --max-new-tokens 64)
+  DOC_MASK=(--shapes llama3_2_1b --rounds 4 --warmup 2 --no-compile)
 fi
 if [ -n "${GPU_SUITE_DECODE_MODEL:-}" ]; then
   DECODE+=(--model "$GPU_SUITE_DECODE_MODEL")
@@ -180,6 +186,8 @@ run_step hf_compare 150 env PYTHONPATH="$OURPATH" "$PY" bench/smollm2_speed.py "
   --parts hf,ours,ours_layerskip,validation --work "$WORK/hf_compare" --out "$WORK/hf_compare.json"
 run_step paper 150 "${OURS[@]}" "${PAPER[@]}" parallel.compile=$([ "$COMPILE" = 1 ] && echo true || echo false) \
   run_dir="$WORK/runs/paper"
+run_step document_mask 150 env PYTHONPATH="$OURPATH" "$PY" bench/document_mask_cost.py "${DOC_MASK[@]}" \
+  --out "$WORK/document_mask.json"
 run_step decode 150 env PYTHONPATH="$OURPATH" "$PY" bench/decode_speed.py "${DECODE[@]}" --out "$WORK/decode.json"
 
 PYTHONPATH="$OURPATH" "$PY" bench/gpu_suite_report.py --work "$WORK" --anchor "$ANCHOR" \

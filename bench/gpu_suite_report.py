@@ -72,6 +72,8 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
     cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
     cmp_path = work / "hf_compare.json"  # bench/smollm2_speed.py
     hf_compare = json.loads(cmp_path.read_text()) if cmp_path.is_file() else None
+    mask_path = work / "document_mask.json"  # bench/document_mask_cost.py
+    doc_mask = json.loads(mask_path.read_text()) if mask_path.is_file() else None
     est_path = work / "estimate.json"
     estimate = json.loads(est_path.read_text()) if est_path.is_file() else None
 
@@ -100,6 +102,8 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
         "peak memory ours / torchtitan, eager": ratio("ours_eager", "titan_eager", "peak_active_gib"),
         "validation of every exit / FLOP bound (SmolLM2 shape; GPU: datasheet bf16 peak)": (
             hf_compare["validation"]["over_flop_bound"] if hf_compare and "validation" in hf_compare else None),
+        "document masking: step time block_causal / causal (Llama 3.2 1B recipe)": (
+            next(iter(doc_mask["results"].values()))["masked_over_causal"] if doc_mask else None),
         # (in a dry run: a bf16 estimate against an fp32 CPU process's resident set: no meaning)
         "dry-run estimate / measured peak, ours eager": (
             estimate["total_bytes_per_rank"] / 2**30 / runs["ours_eager"]["peak_active_gib"]
@@ -112,7 +116,8 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
             torch_version = line.split()[1]
             device = line.split(" dev=", 1)[1].split(" | ")[0]
             break
-    expected = ["titan_eager", "prep", "ours_eager", "paper", "layerskip_cost", "estimate", "hf_compare"]
+    expected = ["titan_eager", "prep", "ours_eager", "paper", "layerskip_cost", "estimate", "hf_compare",
+                "document_mask"]
     if not dry or "titan_compile" in status:
         expected += ["titan_compile", "ours_compile"]
     missing = [n for n in expected if status.get(n) != "0"]
@@ -125,7 +130,8 @@ def build(work: Path, anchor: Path, flavor: str, warmup: int, dry: bool) -> dict
         missing.append("layerskip_cost")
     return {"mode": "dry_run" if dry else "gpu", "device": device, "torch": torch_version,
             "steps": status, "failed_or_missing": missing, "runs": runs, "checks": checks, "info": info,
-            "layerskip_cost": cost, "estimate": estimate, "hf_compare": hf_compare, "decode": decode}
+            "layerskip_cost": cost, "estimate": estimate, "hf_compare": hf_compare, "decode": decode,
+            "document_mask": doc_mask}
 
 
 def table(report: dict) -> str:

@@ -6,8 +6,9 @@ installs the sequence-parallel layouts; activation checkpointing and compile wra
 all-gather / reduce-scatter hooks sit outside the compiled, checkpointed block.
 
 What this module assumes of the model (torchtitan's Llama layout): blocks in the ModuleDict
-`model.layers`, each called as `block(h, freqs_cis, attention_masks=None)`; `tok_embeddings`,
-`norm` and `output` at the root. It knows nothing of what the forward computes: layer dropout
+`model.layers`, each called as `block(h, freqs_cis, attention_masks=...)` (None, or the
+document mask of the rows it runs on: no parameter, nothing to shard); `tok_embeddings`, `norm`
+and `output` at the root. It knows nothing of what the forward computes: layer dropout
 selects samples (`index_select` / `index_copy` on the batch dimension) *outside* the blocks, so it
 is never inside a checkpointed or compiled region, and under TP the tensors between blocks are
 plain local tensors of shape [batch, seq / tp, dim] whose batch dimension is intact.
@@ -96,6 +97,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch._higher_order_ops.flex_attention,  # model.attention=block_causal on CUDA
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
 }
 

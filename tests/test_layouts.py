@@ -3,8 +3,9 @@
 With the same global batch (the loader cuts global batch k the same way whatever the number of
 data-parallel ranks), layer dropout in `global` mode (decisions by global sample index) and rank 0
 initialising the model and broadcasting it (CPU), ten steps of LayerSkip training (per-sample layer
-dropout + rotational early exits) must give the same per-step losses, per-exit losses and gradient
-norms in every layout, up to the rounding of the gradient reductions (< 1e-4 in fp32):
+dropout + rotational early exits, attention masked at document boundaries) must give the same
+per-step losses, per-exit losses and gradient norms in every layout, up to the rounding of the
+gradient reductions (< 1e-4 in fp32):
   one process, batch 8  ==  FSDP over 4 ranks, batch 2  ==  FSDP 2 x TP 2, batch 4
                         ==  2 "nodes" (two torchrun agents, c10d rendezvous) x 2 ranks, batch 2.
 (DDP replicas train as FSDP ranks do: tests/train/test_resume.py resumes an FSDP run on 2 DDP
@@ -20,7 +21,7 @@ Cost on 2 cores: each rank spends ~10 s of CPU importing torchtitan, so a 4-rank
 """
 from __future__ import annotations
 
-import shutil
+import json
 import sysconfig
 from pathlib import Path
 
@@ -36,6 +37,7 @@ TOL = 1e-4  # fp32 on CPU; the layouts differ only in how gradients are summed
 # A tiny Llama (tp=2 divides heads 4, kv heads 2, FFN width 176, vocab 512 and seq_len 32).
 TINY = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
         "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=128",
+        "model.attention=block_causal",  # the Llama 3 recipes' setting; windows hold several documents
         "data.seq_len=32", "train.seed=0", f"train.steps={STEPS}",
         "optim.warmup_steps=2", "eval.every=0", "eval.batches=1", "logging.every=1",
         "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.save_final=false"]
@@ -53,13 +55,15 @@ ONE_PROCESS_S, MULTI_PROCESS_S = 150, 240  # hard timeouts (normal: ~15 s and ~4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    """Three standard-library sources as a text corpus (~200 kB, ~2800 sequences of 33 tokens),
-    tokenizer trained and tokens packed once, in this process."""
+    """Three standard-library sources as a corpus (~200 kB, ~2800 sequences of 33 tokens), each
+    paragraph (text between blank lines) a document, so that windows hold several documents and
+    attention is masked at their boundaries; tokenizer trained and tokens packed once, here."""
     folder = tmp_path_factory.mktemp("layouts")
     (folder / "corpus").mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in ("argparse", "difflib", "textwrap"):
-        shutil.copyfile(stdlib / f"{name}.py", folder / "corpus" / f"{name}.txt")
+        paragraphs = [p for p in (stdlib / f"{name}.py").read_text().split("\n\n") if p.strip()]
+        (folder / "corpus" / f"{name}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
     data = [f"data.source={folder / 'corpus'}", f"data.cache_dir={folder / 'cache'}"]
     prepare_data([*TINY, *data])
     return {"cwd": folder, "data": data}

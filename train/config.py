@@ -80,6 +80,10 @@ class ModelConfig:
     # Llama 3.2 1B/3B, SmolLM2); model=hf reads it from model.init_from's config.json.
     tie_embeddings: bool | None = False
     init_from: str | None = None  # Hugging Face Llama folder for continual pretraining
+    # causal: every token attends to all earlier tokens of its window. block_causal: only to the
+    # earlier tokens of its own packed document (a BOS after an EOS starts one), as Llama 3 was
+    # pretrained; FlexAttention on CUDA, a dense mask elsewhere (docs/document_masking.md).
+    attention: str = "causal"
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -92,6 +96,8 @@ class ModelConfig:
         return [k for k in REQUIRED_SHAPE_KEYS if getattr(self, k) is None]
 
     def validate(self) -> None:
+        if self.attention not in ("causal", "block_causal"):
+            raise ConfigError(f"model.attention must be causal|block_causal, got {self.attention!r}")
         unset = self.unset_shape_keys
         if unset:
             if self.init_from is None:
@@ -140,6 +146,9 @@ class DataConfig:
     # A raw data.source over this many bytes is refused at start-up (prepare it offline instead).
     max_auto_prepare_bytes: int = 2_000_000_000
     prepare_wait_s: float = 3600.0  # how long other ranks wait for the main rank's auto-prepare
+    # false: no loss on the one target of a window that lies in the next document (an EOS input
+    # whose label is the next document's BOS); true counts every target, as before.
+    loss_across_documents: bool = True
 
     def validate(self) -> None:
         for i, m in enumerate(self.mixture or []):

@@ -9,7 +9,10 @@ state-dict adapter apply unchanged. What we add:
 - `forward(tokens, keep=..., capture=..., loss_fn=...)`: per-layer subsets of kept samples (layer
   dropout computes only those; the rest pass through unchanged), hidden states captured after
   chosen blocks, and a loss computed *inside* the root forward, so FSDP2's root hooks cover the
-  head's parameters for every exit.
+  head's parameters for every exit;
+- document masking (`documents=DocumentBoundaries(bos, eos)`, model.attention=block_causal):
+  the forward finds the documents in its input tokens and every block attends within them only,
+  each block with the mask of the rows it runs on (train/document_mask.py).
 The model knows nothing of how `keep` or the loss are chosen (train/layerskip/ does).
 """
 from __future__ import annotations
@@ -23,6 +26,8 @@ from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
 
 from train.config import ModelConfig
+from train.document_mask import DocumentBoundaries, DocumentMask
+from train.masked_attention import MaskedAttention
 
 # A loss over the final hidden state and the captured ones; called inside forward.
 LossFn = Callable[["LayerSkipLlama", torch.Tensor, dict[int, torch.Tensor]], object]
@@ -46,9 +51,15 @@ def model_args(cfg: ModelConfig) -> TransformerModelArgs:
 class LayerSkipLlama(Transformer):
     """torchtitan's Llama with exits through the shared head and per-sample block subsets."""
 
-    def __init__(self, args: TransformerModelArgs, tie_embeddings: bool = False):
+    def __init__(self, args: TransformerModelArgs, tie_embeddings: bool = False,
+                 documents: DocumentBoundaries | None = None):
         super().__init__(args)
         self.tie_embeddings = tie_embeddings
+        # None: plain causal attention over the whole window (torchtitan's blocks untouched).
+        self.documents = documents
+        if documents is not None:
+            for block in self.layers.values():
+                block.attention = MaskedAttention(args)  # same parameters, also takes a mask
         if tie_embeddings:
             self.tie_weights()
             # One matrix, one state-dict entry: checkpoints and exports hold it once.
@@ -80,21 +91,28 @@ class LayerSkipLlama(Transformer):
         """Logits of hidden state `h` (after any block) through the final norm and output head."""
         return self.output(self.norm(h))
 
-    def run_block(self, layer_id: int, h: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def run_block(self, layer_id: int, h: torch.Tensor, keep: torch.Tensor | None,
+                  mask: DocumentMask | None = None) -> torch.Tensor:
+        """Block `layer_id` on the rows `keep` of h (all when None); `mask`: the batch's document
+        mask, of which the block gets the same rows."""
         block = self.layers[str(layer_id)]
         if keep is None:
-            return block(h, self.freqs_cis, attention_masks=None)
+            return block(h, self.freqs_cis, attention_masks=None if mask is None else mask.rows(None))
         # Layer dropout: run the block on the kept samples only; dropped samples pass through.
         if keep.numel() == 0:
             # Every sample dropped on this rank. The block must still run forward and backward
             # here, or this rank would skip FSDP2's all-gather / reduce-scatter that the others
             # join, and training would hang. One sample's work, added times zero (exact).
-            out = block(h[:1], self.freqs_cis, attention_masks=None)
+            first = torch.zeros(1, dtype=torch.long, device=h.device)
+            out = block(h[:1], self.freqs_cis, attention_masks=None if mask is None else mask.rows(first))
             return h + 0.0 * out.sum()
         sub = h.index_select(0, keep)
         # One compiled graph for every kept count (0 and 1 may each add one specialisation).
         torch._dynamo.maybe_mark_dynamic(sub, 0)
-        out = block(sub, self.freqs_cis, attention_masks=None)
+        sub_mask = None if mask is None else mask.rows(keep)
+        if isinstance(sub_mask, torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(sub_mask, 0)
+        out = block(sub, self.freqs_cis, attention_masks=sub_mask)
         return h.index_copy(0, keep, out)
 
     def forward(
@@ -108,14 +126,16 @@ class LayerSkipLlama(Transformer):
         """tokens [B, S] -> logits [B, S, V], or `(h_last, {l: h_l})` if `capture` is given, or
         `loss_fn(self, h_last, {l: h_l})` if a loss is given. `h_l` is the output of block l (after
         l + 1 blocks), before the final norm. `keep[l]` holds the indices of samples block l runs
-        on (None: all)."""
+        on (None: all). With `documents`, every block (hence every exit) attends within each
+        packed document only."""
         if keep is not None and len(keep) != self.n_layers:
             raise ValueError(f"keep has {len(keep)} entries for {self.n_layers} layers")
         capture = set(capture)
+        mask = None if self.documents is None else self.documents.mask(tokens)
         h = self.tok_embeddings(tokens)
         hidden: dict[int, torch.Tensor] = {}
         for l in range(self.n_layers):
-            h = self.run_block(l, h, None if keep is None else keep[l])
+            h = self.run_block(l, h, None if keep is None else keep[l], mask)
             if l in capture:
                 hidden[l] = h
         if loss_fn is not None:
@@ -142,11 +162,23 @@ def _retie(module, incompatible_keys) -> None:
     module.tie_weights()  # a load with assign=True gave the two modules separate Parameters
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> LayerSkipLlama:
+def build_model(cfg: ModelConfig, device: torch.device | str = "meta",
+                documents: DocumentBoundaries | None = None) -> LayerSkipLlama:
     """Construct on `device` without initialising (meta by default: no memory). Call
-    `init_model` after parallelisation to allocate and initialise the local shards."""
+    `init_model` after parallelisation to allocate and initialise the local shards. `documents`
+    (the tokenizer's BOS/EOS) turns on document masking: pass it where cfg.attention is
+    block_causal (`document_boundaries`); without it attention is causal over the window, which
+    is the same for a sequence that holds one document (decoding, the Hugging Face export)."""
     with torch.device(device):
-        return LayerSkipLlama(model_args(cfg), tie_embeddings=bool(cfg.tie_embeddings))
+        return LayerSkipLlama(model_args(cfg), tie_embeddings=bool(cfg.tie_embeddings), documents=documents)
+
+
+def document_boundaries(cfg: ModelConfig, tokenizer) -> DocumentBoundaries | None:
+    """What `build_model` needs for cfg.attention: the tokenizer's BOS/EOS for block_causal,
+    None for causal."""
+    if cfg.attention == "causal":
+        return None
+    return DocumentBoundaries(int(tokenizer.bos_id), int(tokenizer.eos_id))
 
 
 @torch.no_grad()

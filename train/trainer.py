@@ -41,6 +41,7 @@ from train.checkpoint import CheckpointManager, step_dir_name
 from train.config import Config, to_dict
 from train.data import build_data
 from train.data.tokenizer import copy_tokenizer, resolve_tokenizer_path
+from train.document_mask import DocumentBoundaries
 from train.flight_recorder import configure_flight_recorder
 from train.gc_control import GarbageCollection
 from train.grad_norms import block_grad_norms
@@ -49,7 +50,7 @@ from train.layerskip.dropout import LayerDropout
 from train.layerskip.exit_loss import make_exit_loss
 from train.log_window import LogWindow, log_window, throughput_model
 from train.metrics import MetricsLogger
-from train.model import build_model, init_model
+from train.model import build_model, document_boundaries, init_model
 from train.optim import build_optimizer, lr_at, set_lr
 from train.preemption import PreemptionWatch, Preempted, write_marker
 from train.preemption import exit_code as preempted_exit_code
@@ -154,7 +155,12 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, typed: C
 
     # model: meta -> parallelize -> allocate + init (or import) on the device
     param_dtype, reduce_dtype = _dtypes(cfg, device)
-    model = build_model(cfg.model)
+    # model.attention=block_causal: the model finds the documents in its input by BOS/EOS
+    documents = document_boundaries(cfg.model, data.tokenizer)
+    if is_main and documents is not None:
+        log.info("attention masked at document boundaries (a document starts at BOS %d after EOS %d)",
+                 documents.bos_id, documents.eos_id)
+    model = build_model(cfg.model, documents=documents)
     parallelize(model, dims, cfg.parallel, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if is_main and device.type == "cpu" and wrapper_of(model) == "fsdp" and dims.dp_world == dims.dp_shard \
             and dims.tp == 1 and param_dtype == torch.float32:
@@ -212,6 +218,14 @@ def resume(r: Run) -> None:
 
 # --------------------------------------------------------------------------- one step
 
+def targets(cfg: Config, tokenizer, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as the loss sees it: with data.loss_across_documents=false, no loss on the target
+    that lies in the next document (an EOS input, the next document's BOS as its label)."""
+    if not cfg.data.loss_across_documents:
+        labels = DocumentBoundaries(tokenizer.bos_id, tokenizer.eos_id).without_cross_document_targets(inputs, labels)
+    return inputs, labels
+
+
 def train_step(r: Run, batches: Iterator) -> StepResult:
     """Forward + backward over grad_accum micro-batches, clip, reduce the metrics over the
     data-parallel ranks, optimizer step (skipped for a non-finite loss), state.step += 1. A loss
@@ -228,7 +242,7 @@ def train_step(r: Run, batches: Iterator) -> StepResult:
     totals = None  # [total, per exit...] summed over micro-batches, on the device
     kept = [0.0] * L
     for micro in range(accum):
-        inputs, labels = next(batches)
+        inputs, labels = targets(r.cfg, r.data.tokenizer, *next(batches))
         inputs, labels = inputs.to(r.device, non_blocking=True), labels.to(r.device, non_blocking=True)
         plan = r.dropout.plan(step, micro, batch_size=inputs.shape[0], device=r.device)
         if gradient_sync is not None:  # reduce gradients once per optimizer step
@@ -352,8 +366,11 @@ def train_loop(r: Run) -> Path:
     metrics = MetricsLogger(r.run_dir, enabled=r.is_main, tensorboard=cfg.logging.tensorboard,
                             n_layers=r.n_layers, wandb=_wandb_sink(r))
     collector = GarbageCollection(cfg.monitor.gc_every)
-    val_batches = [(i.to(r.device), y.to(r.device)) for i, y in r.data.val_batches(cfg.eval.batches)]
-    source_val = {name: [(i.to(r.device), y.to(r.device)) for i, y in batches]  # mixtures: per source
+
+    def on_device(batches):
+        return [tuple(t.to(r.device) for t in targets(cfg, r.data.tokenizer, i, y)) for i, y in batches]
+    val_batches = on_device(r.data.val_batches(cfg.eval.batches))
+    source_val = {name: on_device(batches)  # mixtures: per source
                   for name, batches in r.data.source_val_batches(cfg.eval.batches).items()}
     step_tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * r.dims.dp_world
     # A little under the collective timeout: a stalled rank dumps before its peers' collective fails.

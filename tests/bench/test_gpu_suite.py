@@ -41,6 +41,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "torchtitan 0.2.2" in (work / "titan_eager.log").read_text()
     checks = {c["check"]: c for c in report["checks"]}
     assert all(c["value"] is not None for name, c in checks.items() if "compiled" not in name)
+    assert report["document_mask"]["results"]["tiny"]["masked_over_causal"] > 0
     assert set(report["estimate"]) >= ESTIMATE_KEYS
     assert report["estimate"]["param_bytes_per_rank"] == report["estimate"]["param_count"] * 4
     assert (out / "suite.md").read_text().startswith("GPU suite (dry_run")
@@ -61,7 +62,7 @@ def test_report_on_gpu_figures(tmp_path):
     anchor = ROOT / "bench" / "titan_baseline"
     work = tmp_path
     steps = ["titan_eager", "prep", "estimate", "ours_eager", "titan_compile", "ours_compile",
-             "layerskip_cost", "hf_compare", "paper"]
+             "layerskip_cost", "hf_compare", "paper", "document_mask"]
     (work / "status.txt").write_text("".join(f"{s} 0\n" for s in steps))
     (work / "titan_eager.log").write_text("torch 2.11.0+cu130 cuda=13.0 avail=True dev=NVIDIA H100 | torchtitan 0.2.2\n")
     for mode, tps in (("eager", 1000.0), ("compile", 2000.0)):
@@ -80,6 +81,7 @@ def test_report_on_gpu_figures(tmp_path):
     (work / "estimate.json").write_text(json.dumps({"total_bytes_per_rank": 44 * 2**30}))
     (work / "hf_compare.json").write_text(json.dumps({"ours_over_hf_speed_1proc": 1.2,
                                                       "validation": {"over_flop_bound": 1.4}}))
+    (work / "document_mask.json").write_text(json.dumps({"results": {"llama3_2_1b": {"masked_over_causal": 1.07}}}))
     report = report_mod.build(work, anchor, "1B", warmup=1, dry=False)
     assert report["failed_or_missing"] == [] and report["device"] == "NVIDIA H100"
     verdicts = {c["check"]: (round(c["value"], 3), c["verdict"]) for c in report["checks"]}
@@ -91,4 +93,5 @@ def test_report_on_gpu_figures(tmp_path):
     assert verdicts["step speed vs HF LlamaForCausalLM (SmolLM2 shape, fp32), LayerSkip off"] == (1.2, "PASS")
     assert report["info"]["peak memory ours / torchtitan, eager"] == pytest.approx(0.8)
     assert report["info"]["dry-run estimate / measured peak, ours eager"] == pytest.approx(1.1)
+    assert report["info"]["document masking: step time block_causal / causal (Llama 3.2 1B recipe)"] == 1.07
     assert "| ours_compile | 1,800 |" in report_mod.table(report)

@@ -221,6 +221,8 @@ def test_continual_llama3_from_the_command_line(tmp_path, llama3_dir):
         assert cfg.model.dim == 64 and cfg.model.rope_scaling.factor == 32.0 and cfg.model.vocab_size == 402
         assert load_tokenizer(run_dir).digest == source.digest  # the checkpoint's, not a trained one
     assert load_run_config(tmp_path / "recipe").layerskip.exit.e_scale == 0.1  # the recipe's settings
+    assert load_run_config(tmp_path / "recipe").model.attention == "block_causal"  # as Llama 3's pretraining
+    assert load_run_config(tmp_path / "files").model.attention == "causal"
     transformers = pytest.importorskip("transformers")
     out = export_run(tmp_path / "files", tmp_path / "export", dtype=torch.float32)
     heldout = (tmp_path / "files" / "heldout.txt").read_text(encoding="utf-8")

@@ -25,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 # A tiny model and corpus; layer dropout (global mode: layout-independent decisions) and the
 # rotational early-exit curriculum stay on (quickstart), so their state must survive a resume.
+# Attention is masked at document boundaries (the Llama 3 recipes' setting): the corpus' documents
+# are a sentence each, so every window holds several.
 TINY = ["experiment=quickstart", "model.n_layers=2", "model.dim=64", "model.n_heads=4",
         "model.n_kv_heads=2", "model.vocab_size=512", "model.multiple_of=16", "model.max_seq_len=64",
+        "model.attention=block_causal",
         "data=files", "data.seq_len=32", "data.val_fraction=0.05",
         "eval.every=0", "eval.batches=1", "logging.every=1", "logging.tensorboard=false",
         "optim.warmup_steps=2", "checkpoint.interval=2", "checkpoint.keep=10"]
@@ -112,14 +115,15 @@ def _copy_run(src: Path, dst: Path, up_to_step: int) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    """A small text corpus and a data cache shared by every run (tokenizer trained once)."""
+    """A small corpus of 3000 one-sentence documents (.jsonl) and a data cache shared by every run
+    (tokenizer trained once)."""
     folder = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     words = ("the early exit of a layer skips blocks when the model is sure of the next token "
              "and dropout of layers makes the later blocks robust to missing inputs").split()
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 18))) + "." for _ in range(3000)]
-    (folder / "corpus.txt").write_text("\n".join(lines) + "\n")
-    return {"text": folder / "corpus.txt", "cache": folder / "cache", "cwd": folder}
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    return {"text": folder / "corpus.jsonl", "cache": folder / "cache", "cwd": folder}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +139,7 @@ def test_stop_and_resume_equals_straight_run(corpus, straight: Path, tmp_path: P
     run_dir = _copy_run(straight, tmp_path / "run", up_to_step=4)
     log = _train(corpus["cwd"], _overrides(corpus, run_dir, STEPS, 4))
     assert "resumed from step 4" in log
+    assert "attention masked at document boundaries" in log
     assert _losses(run_dir) == _losses(straight)
 
 
