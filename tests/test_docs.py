@@ -125,17 +125,34 @@ def module_path(module: str) -> Path | None:
     return None
 
 
-def argparse_flags(path: Path) -> set[str] | None:
-    """The option strings of every add_argument call in a file (None: it has no argparse)."""
-    tree = ast.parse(path.read_text())
+def _add_argument_flags(tree: ast.AST) -> tuple[set[str], bool]:
     flags, has_parser = set(), False
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            if node.func.attr == "add_argument":
-                has_parser = True
-                for a in node.args:
-                    if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("-"):
-                        flags.add(a.value)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+            has_parser = True
+            flags |= {a.value for a in node.args
+                      if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("-")}
+    return flags, has_parser
+
+
+def argparse_flags(path: Path) -> set[str] | None:
+    """The option strings of every add_argument call in a file, and in the functions of this
+    repository's modules it imports and calls (`add_sampling_args(ap)`); None: it has no argparse."""
+    tree = ast.parse(path.read_text())
+    flags, has_parser = _add_argument_flags(tree)
+    imported = {alias.asname or alias.name: node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module
+                and node.module.split(".")[0] in ("train", "parallel", "bench") for alias in node.names}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    for name in called & set(imported):
+        source = module_path(imported[name])
+        if source is None:
+            continue
+        for fn in ast.walk(ast.parse(source.read_text())):
+            if isinstance(fn, ast.FunctionDef) and fn.name == name:
+                more, parser = _add_argument_flags(fn)
+                flags |= more
+                has_parser |= parser
     return (flags | {"-h", "--help"}) if has_parser else None
 
 
