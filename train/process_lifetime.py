@@ -77,14 +77,15 @@ def _exit_when_gone(pid: int) -> None:
         if fd is not None:
             select.select([fd], [], [])  # readable once the process has ended
         else:
-            while _alive(pid):
+            while pid_alive(pid):
                 time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=watch, name=f"exit-when-{pid}-ends", daemon=True).start()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still exists (a process of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -57,7 +57,7 @@ from train.data.shards import MAX_UNIT_BYTES, Piece, plan_shards, read_units
 from train.data.sources import Corpus, DataError
 from train.data.tokenizer import (copy_tokenizer, find_tokenizer_file, load_tokenizer, temp_suffix,
                                   write_atomic)
-from train.process_lifetime import pool_worker_init
+from train.process_lifetime import pid_alive, pool_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -300,22 +300,12 @@ def remove_dead_temporaries(out: Path) -> int:
     for folder in (out, out / "shards"):
         for path in folder.glob(".*tmp*"):
             m = _TEMP.search(path.name)
-            if m and m["host"] == host and not _alive(int(m["pid"])):
+            if m and m["host"] == host and not pid_alive(int(m["pid"])):
                 path.unlink(missing_ok=True)
                 removed += 1
     if removed:
         log.info("removed %d temporary files of earlier prepares that died", removed)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _done(out: Path, shard: int) -> bool:
