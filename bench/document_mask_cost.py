@@ -143,7 +143,7 @@ def measure(name: str, shape: Shape, rounds: int, warmup: int, doc_tokens: float
     ratio = out["block_causal"]["median_ms"] / out["causal"]["median_ms"]
     tokens_per_step = shape.batch * shape.seq
     return {"recipe": shape.recipe, "seq": shape.seq, "batch": shape.batch, "model": asdict(cfg.model),
-            "layerskip": {"p_max": cfg.layerskip.dropout.p_max, "exit_layers": cfg.layerskip.exit.layers,
+            "layerskip": {"p_max": cfg.layerskip.dropout.p_max, "exits": cfg.layerskip.exit.exits,
                           "period": cfg.layerskip.exit.period},
             "docs_per_window": docs_per_window, **out, "masked_over_causal": ratio,
             "tokens_per_s": {m: tokens_per_step / (out[m]["median_ms"] / 1000) for m in MODES}}
