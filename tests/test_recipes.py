@@ -1,6 +1,5 @@
 """Every recipe composes and validates; command-line overrides reach the typed config; bad values
 fail early naming the key."""
-import os
 import re
 from pathlib import Path
 
