@@ -1,5 +1,5 @@
 # Sourced by single_node.sh and multi_node.sh: `run_torchrun ARGS...` runs torchrun ARGS so that
-# a run survives a cluster (README "Running on a cluster"):
+# a run survives a cluster (docs/operations.md):
 # - torchrun handles SIGUSR1 as well as SIGTERM/SIGINT/SIGHUP/SIGQUIT (Slurm's early-warning
 #   signal would otherwise kill the agent outright) and forwards them to the workers, which save a
 #   checkpoint and stop; torchrun SIGKILLs workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by
@@ -13,14 +13,13 @@
 #   (train/preemption.py); the job then ends non-zero, the save's error above (a signal to
 #   torchrun itself ends torchrun: no restart either);
 # - NCCL's flight recorder keeps the last collectives of every rank and dumps them when a
-#   collective times out (the trainer points the dump at RUN_DIR/dumps/).
+#   collective times out: the trainer itself configures it (monitor.nccl_trace_buffer,
+#   train/flight_recorder.py) and points the dump at RUN_DIR/dumps/.
 # torch 2.13: restarted workers can fail to rejoin when torchrun shares its rendezvous store
 # across restarts (pytorch/pytorch#135712); a fresh store per restart avoids it.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # torchrun's --signals-to-handle (torch >= 2.13), as its environment default (older torch ignores it)
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
-export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
-export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 EXIT_PREEMPTED=75
 
 # A signal to this shell goes to torchrun's workers (the training ranks), not to torchrun: they

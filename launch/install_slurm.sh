@@ -41,7 +41,7 @@ fi
 
 # slurm.conf for one node: this host, its CPUs and memory. Process tracking by process tree
 # (no cgroups in a container); KillWait is the grace between SIGTERM and SIGKILL when a job is
-# cancelled, requeued or preempted (the README's "Running on a cluster" uses the same number).
+# cancelled, requeued or preempted (docs/operations.md uses the same number).
 # cred_expire also sets how long a requeued job waits before it may start again (default 120 s;
 # 15 s keeps the requeue test short); the schedulers look for startable jobs every 2 s.
 CONF_DIR=/etc/slurm

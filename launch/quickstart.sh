@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# From nothing to a trained LayerSkip checkpoint on this CPU: create .venv, install, train the
+# From nothing to a trained LayerSkip checkpoint on your CPU: create .venv, install, train the
 # default recipe (experiment=quickstart) with FSDP on 2 processes, export it for Hugging Face.
 # Extra arguments are Hydra overrides, e.g.  bash launch/quickstart.sh train.steps=50
 # The run directory follows from the command (outputs/quickstart-<hash of the run's settings>,

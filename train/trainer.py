@@ -166,7 +166,7 @@ def build_run(cfg: Config, rank: int, world: int, device: torch.device, typed: C
             and dims.tp == 1 and param_dtype == torch.float32:
         log.info("FSDP2 over %d CPU processes blocks the step on every unit's gloo collectives; if the "
                  "model and its AdamW state fit each process whole, parallel.dp_replicate=%d "
-                 "parallel.dp_shard=1 (DDP) is faster (README: Choosing a layout)",
+                 "parallel.dp_shard=1 (DDP) is faster (docs/parallelism.md)",
                  dims.dp_shard, dims.dp_shard)
     init_weights(model, cfg, device, rank)
     if cfg.model.init_from:
