@@ -13,7 +13,7 @@ Hangs leave evidence (`HangDumps`): every rank arms a faulthandler watchdog that
 threads' Python stacks to `<dump dir>/stacks-rank<r>.txt` when the rank makes no progress for a
 little less than the collective timeout (every rank of a hung job stalls, so every rank dumps,
 each showing where it is); on NCCL, torch's flight recorder (TORCH_NCCL_TRACE_BUFFER_SIZE and
-TORCH_NCCL_DUMP_ON_TIMEOUT, set by the launch scripts) writes the last collectives of every rank
+TORCH_NCCL_DUMP_ON_TIMEOUT, set by the trainer before the group starts: train/flight_recorder.py) writes the last collectives of every rank
 to `<dump dir>/nccl_trace_rank_<r>` when the watchdog times out.
 """
 from __future__ import annotations
