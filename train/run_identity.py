@@ -50,10 +50,10 @@ IDENTITY_KEYS = (
     "model.name", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
     "model.vocab_size", "model.multiple_of", "model.ffn_dim_multiplier", "model.norm_eps",
     "model.rope_theta", "model.rope_scaling", "model.max_seq_len", "model.tie_embeddings",
-    "model.init_from",
+    "model.init_from", "model.attention",
     # the data and its order (data.batch_size enters as the global batch)
     "data.source", "data.text_field", "data.tokenizer", "data.max_chars", "data.seq_len",
-    "data.batch_size", "data.val_fraction", "data.mixture",
+    "data.batch_size", "data.val_fraction", "data.mixture", "data.loss_across_documents",
     # the optimizer and its schedule's shape (its length is train.steps, operational)
     "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps",
     "optim.warmup_steps", "optim.schedule", "optim.decay_fraction", "optim.grad_clip",
