@@ -110,14 +110,28 @@ def pool_worker_init(then=None, *args) -> None:
 
 
 def _kill_daemonic_children() -> None:
-    """At interpreter exit (see the module docstring): SIGKILL this process's daemonic children."""
-    for child in multiprocessing.active_children():
-        if child.daemon and child.pid is not None:
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """At interpreter exit (see the module docstring): SIGKILL this process's daemonic children.
+
+    The data loader's SIGCHLD handler raises in this process when one of its workers dies
+    ("DataLoader worker ... is killed by signal"); raised here, between two kills, it would leave
+    the other workers alive for multiprocessing's own exit hook to join forever (they ignore its
+    SIGTERM). So the handler is reset first, every child is killed before any is joined, and a
+    join that raises does not stop the others."""
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except ValueError:  # not the main thread: no handler of ours to reset
+        pass
+    children = [c for c in multiprocessing.active_children() if c.daemon and c.pid is not None]
+    for child in children:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for child in children:
+        try:
             child.join(timeout=5)
+        except Exception:  # noqa: BLE001 - exiting anyway; the next child must still be reaped
+            pass
 
 
 atexit.register(_kill_daemonic_children)

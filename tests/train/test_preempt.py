@@ -130,10 +130,14 @@ def test_sigterm_to_every_process_mid_step_saves_and_the_same_command_resumes(re
     # one W&B run across the preemption: the resumed attempt's history continues at the next step
     stored = json.loads((run_dir / "wandb.json").read_text())["run_id"]
     first, second = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
-    assert run_id(first) == run_id(second) == stored
-    # The signal also stopped W&B's service process in the first attempt (it was part of the job),
-    # losing what it had not written; the resumed attempt backfills the history from metrics.jsonl.
-    assert set(history(first)) <= set(range(1, saved + 1))
+    # Each attempt's file is named by the run id it was given (wandb.init(id=...)); the first
+    # attempt's may hold no run record at all: the signal also stopped W&B's service process (it
+    # was part of the job), losing what it had not written. The resumed attempt's file records the
+    # same run and backfills the history from metrics.jsonl.
+    assert first.name == second.name == f"run-{stored}.wandb"
+    assert run_id(second) == stored
+    if first.stat().st_size > 7:  # more than the header: what it did write is of this run's steps
+        assert set(history(first)) <= set(range(1, saved + 1))
     assert sorted(history(second)) == list(range(1, max(want) + 1))
     assert {"loss/total", "optim/grad_norm", "straggler/rank"} <= history(second)[saved]
     assert {"loss/total", "optim/grad_norm", "straggler/rank"} <= history(second)[max(want)]
