@@ -8,7 +8,6 @@ seeded offline Hugging Face cache; a Hub id that is not cached fails with one li
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from tests._launch import read_metrics, run, start, torchrun_cmd, train_cmd, train_env, wait_all
 from tests.train._hub_cache import seed_hub_cache
+from tests.train._smollm2 import instruct_dir
 from tests.train._models import one_thread  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
@@ -27,13 +27,7 @@ TEXT = ('def greet(name: str) -> str:\n    """Say hello."""\n    return f"Hello,
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    spec = importlib.util.spec_from_file_location("smollm2", ROOT / "bench" / "smollm2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        return module.smollm2_dir()
-    except Exception as e:  # no network and no pip cache, no gguf package, ...
-        pytest.skip(reason=f"SmolLM2-135M cannot be built here ({type(e).__name__}: {e})")
+    return instruct_dir()
 
 
 @pytest.fixture(scope="module")
