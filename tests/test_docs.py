@@ -339,6 +339,22 @@ def test_readme_is_short_and_links_every_docs_page():
     assert not unlinked, f"docs pages not linked from README.md: {unlinked}"
 
 
+def test_every_measurement_file_is_listed_with_its_command_date_and_commit():
+    """bench/results/README.md is the index of the measurements: a file not in it has no stated
+    command, date or commit."""
+    results = ROOT / "bench" / "results"
+    rows = [line for line in (results / "README.md").read_text().splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in re.findall(r"`([\w.-]+\.\w+)`", row.split(" | ")[0])}
+    stems = {name.rsplit(".", 1)[0] for name in listed}
+    missing = [f.name for f in results.iterdir() if f.name != "README.md"
+               and f.name not in listed and f.stem not in stems]
+    assert not missing, f"bench/results/README.md does not list: {missing}"
+    for row in rows:
+        cells = row.split(" | ")
+        assert len(cells) >= 5 and re.search(r"\d{4}-\d\d-\d\d", cells[3]) and re.search(r"[0-9a-f]{7}", cells[4]), \
+            f"bench/results/README.md: a row without a date or a commit: {row[:80]}"
+
+
 def test_links_and_paths_stay_inside_the_repository():
     problems = []
     for page in PAGES:
