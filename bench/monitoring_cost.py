@@ -95,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="ranks (the quickstart uses 2)")
     p.add_argument("--steps", type=int, default=60, help="steps per run (logged every 10; the first window is dropped)")
-    p.add_argument("--rounds", type=int, default=6, help="rounds of one run per variant, in rotating order")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of one run per variant, in rotating order")
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps, one round: a check it runs")
     p.add_argument("--out", type=Path, help="write the figures (JSON) here")
     args = p.parse_args()
